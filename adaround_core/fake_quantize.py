@@ -1,0 +1,113 @@
+"""The ``FakeQuantize`` module and the model-wide state switch ``set_fake_quantize``.
+
+A ``FakeQuantize`` only holds buffers, an observer and flags; the math lives in
+:mod:`adaround_core.quant_math`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+import torch
+from torch import nn
+
+from adaround_core.quant_math import fake_quantize
+
+logger = logging.getLogger(__name__)
+
+
+class FakeQuantState(str, enum.Enum):
+    """What every fake quantizer of a prepared model does in ``forward``."""
+
+    CALIBRATION = "calibration"  # observers collect statistics; values pass through unchanged
+    VALIDATION = "validation"  # fixed-scale fake quantization; observers are ignored
+    FLOAT = "float"  # every fake quant is off: the prepared model computes in float
+
+
+class FakeQuantize(nn.Module):
+    """Observer plus fake quantizer for one tensor (an activation or a weight).
+
+    ``axis`` is None for per-tensor quantization, else the channel axis. Once
+    ``frozen``, the qparams never change again (weights after AdaRound: their
+    rounded values must stay on the grid they were rounded to).
+    """
+
+    def __init__(self, observer: nn.Module, qmin: int, qmax: int, num_channels: int = 1,
+                 axis: int | None = None) -> None:
+        super().__init__()
+        self.observer = observer
+        self.qmin, self.qmax, self.axis = qmin, qmax, axis
+        self.register_buffer("scale", torch.ones(num_channels))
+        self.register_buffer("zero_point", torch.zeros(num_channels))
+        self.register_buffer("calibrated", torch.tensor(False))  # qparams came from data
+        self.register_buffer("frozen", torch.tensor(False))
+        self.state = FakeQuantState.FLOAT
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state is FakeQuantState.CALIBRATION:
+            if not self.frozen:
+                self.observer.observe(x)
+            return x
+        if self.state is FakeQuantState.VALIDATION:
+            return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+        return x
+
+    @property
+    def has_qparams(self) -> bool:
+        """Whether qparams exist or can be computed (calibrated, frozen or observed)."""
+        return bool(self.calibrated) or bool(self.frozen) or self.observer.has_data
+
+    def update_qparams(self) -> None:
+        """Recompute scale and zero point from the observer (no-op when frozen or empty)."""
+        if self.frozen or not self.observer.has_data:
+            return
+        scale, zero_point = self.observer.qparams(self.qmin, self.qmax)
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+        self.calibrated.fill_(True)
+
+    def freeze(self) -> None:
+        """Fix the current qparams for good."""
+        self.frozen.fill_(True)
+
+    def set_state(self, state: FakeQuantState) -> None:
+        """Switch the state; entering VALIDATION computes qparams from what was observed."""
+        state = FakeQuantState(state)
+        if state is FakeQuantState.VALIDATION:
+            self.update_qparams()
+        self.state = state
+
+    def extra_repr(self) -> str:
+        axis = "per_tensor" if self.axis is None else f"axis={self.axis}"
+        return f"qrange=[{self.qmin}, {self.qmax}], {axis}, state={self.state.value}"
+
+
+def fake_quantizers(model: nn.Module) -> list[FakeQuantize]:
+    """Every ``FakeQuantize`` of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, FakeQuantize)]
+
+
+def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> nn.Module:
+    """Put every fake quantizer of a prepared ``model`` into ``state``; returns the model."""
+    quantizers = fake_quantizers(model)
+    if not quantizers:
+        raise ValueError("set_fake_quantize: the model has no fake quantizers; "
+                         "call prepare_qat_fx(model) first")
+    for fq in quantizers:
+        fq.set_state(state)
+    logger.debug("set %d fake quantizers to %s", len(quantizers), FakeQuantState(state).value)
+    return model
+
+
+def get_fake_quantize_states(model: nn.Module) -> dict[str, FakeQuantState]:
+    """The state of every fake quantizer, by qualified name."""
+    return {name: m.state for name, m in model.named_modules() if isinstance(m, FakeQuantize)}
+
+
+def restore_fake_quantize_states(model: nn.Module, states: dict[str, FakeQuantState]) -> None:
+    """Put fake quantizers back into states captured by :func:`get_fake_quantize_states`,
+    without recomputing any qparams."""
+    modules = dict(model.named_modules())
+    for name, state in states.items():
+        modules[name].state = state

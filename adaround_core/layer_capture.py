@@ -1,0 +1,99 @@
+"""Forward-pass plumbing: the order layers run in, and capturing one layer's I/O.
+
+Capturing stops the forward pass as soon as the layer has fired (for a layer
+called several times, after its last call): nothing past it is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaround_core.batches import call_model
+
+
+class _LayerReached(Exception):
+    """Raised inside a forward pass once the captured layer has fired for the last time."""
+
+
+def first_call_order(model: nn.Module, layers: dict[str, nn.Module],
+                     batch: Any) -> tuple[list[str], Counter[str]]:
+    """Names of ``layers`` in the order a forward pass first calls them, and call counts.
+
+    Layers the forward pass never calls are left out.
+    """
+    names = {module: name for name, module in layers.items()}
+    order: list[str] = []
+    calls: Counter[str] = Counter()
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        name = names[module]
+        if name not in calls:
+            order.append(name)
+        calls[name] += 1
+
+    with _hooks([m.register_forward_pre_hook(pre_hook) for m in names]), torch.no_grad():
+        call_model(model, batch)
+    return order, calls
+
+
+@contextlib.contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_until(model: nn.Module, batch: Any) -> None:
+    with contextlib.suppress(_LayerReached), torch.no_grad():
+        call_model(model, batch)
+
+
+def _check_single_input(name: str, args: tuple, kwargs: dict) -> None:
+    if len(args) != 1 or kwargs:
+        raise ValueError(f"layer {name!r} is called with extra arguments, which AdaRound does "
+                         f"not replay; leave it out with exclude_prefix")
+
+
+def capture_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
+                     expected_calls: int, batches: Iterable[Any],
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """For every batch: the layer's fake-quantized input in ``quant_model`` and its output
+    in ``float_model`` (same qualified ``name`` in both)."""
+    quant_layer = quant_model.get_submodule(name)
+    float_layer = float_model.get_submodule(name)
+    inputs: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    seen = {"quant": 0, "float": 0}
+
+    def grab_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        _check_single_input(name, args, kwargs)
+        inputs.append(module.input_fake_quant(args[0]).detach())
+        seen["quant"] += 1
+        if seen["quant"] == expected_calls:
+            raise _LayerReached
+
+    def grab_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        targets.append(output.detach())
+        seen["float"] += 1
+        if seen["float"] == expected_calls:
+            raise _LayerReached
+
+    handles = [quant_layer.register_forward_pre_hook(grab_input, with_kwargs=True),
+               float_layer.register_forward_hook(grab_output)]
+    with _hooks(handles):
+        for batch in batches:
+            seen["quant"] = seen["float"] = 0
+            _run_until(quant_model, batch)
+            _run_until(float_model, batch)
+            if seen["quant"] != seen["float"]:
+                raise RuntimeError(f"layer {name!r} ran {seen['quant']} times in the quantized "
+                                   f"model but {seen['float']} times in the float model")
+    return inputs, targets

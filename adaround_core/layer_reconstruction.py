@@ -1,0 +1,111 @@
+"""AdaRound for one layer: learn up/down rounding, judge it on held-out samples, write it.
+
+This is the one implementation of the per-layer algorithm: the in-memory
+``weight_reconstruction`` and the pipeline's per-layer task both call
+:func:`reconstruct_layer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from adaround_core.adaround_math import (
+    beta_at,
+    hard_quantized_weight,
+    init_rounding_variable,
+    reconstruction_loss,
+    rectified_sigmoid,
+    rounding_regularizer,
+    soft_quantized_weight,
+    split_on_grid,
+)
+from adaround_core.layer_samples import LayerSamples
+from adaround_core.quant_layers import QuantLayerMixin
+from adaround_core.quant_math import fake_quantize
+from adaround_core.reconstruction_config import AdaRoundConfig
+
+logger = logging.getLogger(__name__)
+
+HOLDOUT_CHUNK = 256  # held-out samples evaluated per forward call
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Outcome of AdaRound on one layer (errors are output MSE on held-out samples)."""
+
+    name: str
+    nearest_mse: float
+    adaround_mse: float
+    decision: str  # "adaround" or "nearest" (the guard kept nearest rounding)
+    num_steps: int
+    seconds: float
+
+    @property
+    def kept_nearest(self) -> bool:
+        return self.decision == "nearest"
+
+
+def optimise_rounding(layer: QuantLayerMixin, samples: LayerSamples, cfg: AdaRoundConfig,
+                      generator: torch.Generator,
+                      on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Run ``cfg.num_steps`` Adam steps on the rounding variable ``V``; return the hard weight."""
+    scale, qmin, qmax = layer.weight_qparams()
+    w_floor, rest = split_on_grid(layer.weight.detach(), scale)
+    v = init_rounding_variable(rest).requires_grad_(True)
+    optimizer = torch.optim.Adam([v], lr=cfg.lr)
+    batch_size = cfg.batch_size or samples.default_batch_size
+    for step in range(cfg.num_steps):
+        x, target = samples.sample(batch_size, generator)
+        h = rectified_sigmoid(v)
+        output = layer.forward_with_weight(x, soft_quantized_weight(w_floor, h, scale, qmin, qmax))
+        loss = reconstruction_loss(output, target, layer.output_channel_dim)
+        beta = beta_at(step, cfg.num_steps, cfg.warm_up, cfg.b_range)
+        if beta is not None:
+            loss = loss + cfg.weight * rounding_regularizer(h, beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step)
+    return hard_quantized_weight(w_floor, v.detach(), scale, qmin, qmax)
+
+
+def nearest_weight(layer: QuantLayerMixin) -> torch.Tensor:
+    """The layer's weight rounded to nearest on its frozen grid."""
+    fq = layer.weight_fake_quant
+    return fake_quantize(layer.weight.detach(), fq.scale, fq.zero_point, fq.qmin, fq.qmax,
+                         layer.weight_axis)
+
+
+@torch.no_grad()
+def holdout_mse(layer: QuantLayerMixin, weight: torch.Tensor, samples: LayerSamples) -> float:
+    """Mean squared output error of ``layer`` with ``weight`` on the held-out samples."""
+    total, count = 0.0, 0
+    for x, target in samples.holdout(HOLDOUT_CHUNK):
+        total += (layer.forward_with_weight(x, weight) - target).pow(2).sum().item()
+        count += target.numel()
+    return total / max(count, 1)
+
+
+def reconstruct_layer(name: str, layer: QuantLayerMixin, samples: LayerSamples,
+                      cfg: AdaRoundConfig, generator: torch.Generator,
+                      on_step: Callable[[int], None] | None = None) -> LayerReport:
+    """AdaRound ``layer`` in place (its weight scale must be frozen) and report the outcome."""
+    start = time.perf_counter()
+    nearest = nearest_weight(layer)
+    rounded = optimise_rounding(layer, samples, cfg, generator, on_step)
+    nearest_err = holdout_mse(layer, nearest, samples)
+    adaround_err = holdout_mse(layer, rounded, samples)
+    keep_nearest = cfg.guard and adaround_err > nearest_err
+    with torch.no_grad():
+        layer.weight.copy_(nearest if keep_nearest else rounded)
+    report = LayerReport(name, nearest_err, adaround_err, "nearest" if keep_nearest else "adaround",
+                         cfg.num_steps, time.perf_counter() - start)
+    logger.info("%s: output MSE nearest %.4g, adaround %.4g -> %s (%.2fs)", name, nearest_err,
+                adaround_err, report.decision, report.seconds)
+    return report

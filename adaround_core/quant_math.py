@@ -1,0 +1,101 @@
+"""Pure fake-quantization math: integer ranges, scales, zero points, rounding.
+
+Every function here is stateless and works on any device. The formulas match
+``torch.fake_quantize_per_channel_affine`` / ``per_tensor_affine`` bit for bit:
+``q = clamp(round(x * (1 / s)) + z, qmin, qmax)``, ``x_hat = (q - z) * s``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_EPS = 1e-8  # smallest scale; avoids division by zero for all-zero channels
+
+
+def symmetric_qrange(bits: int) -> tuple[int, int]:
+    """Signed integer range of a symmetric ``bits``-bit quantizer: [-2^(b-1), 2^(b-1) - 1]."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def unsigned_qrange(bits: int) -> tuple[int, int]:
+    """Unsigned integer range of an affine ``bits``-bit quantizer: [0, 2^b - 1]."""
+    return 0, 2**bits - 1
+
+
+def channel_view(values: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    """Reshape per-channel ``values`` so they broadcast against ``like`` along ``axis``."""
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def quantize_to_int(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Integer grid index (as float) of ``x``: ``clamp(round(x / s) + z, qmin, qmax)``."""
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Real value of grid index ``q``: ``(q - z) * s``."""
+    return (q - zero_point) * scale
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """Round-to-nearest fake quantization, per tensor (``axis=None``) or per channel."""
+    if axis is not None:
+        scale = channel_view(scale, x, axis)
+        zero_point = channel_view(zero_point, x, axis)
+    return dequantize(quantize_to_int(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
+def symmetric_scale(amax: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Scale mapping ``[-amax, amax]`` onto the symmetric range (torch.ao's convention)."""
+    return (amax / ((qmax - qmin) / 2)).clamp_min(SCALE_EPS)
+
+
+def affine_qparams(
+    min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering ``[min_val, max_val]`` (widened to contain 0)."""
+    min_val = torch.clamp(min_val, max=0.0)
+    max_val = torch.clamp(max_val, min=0.0)
+    scale = ((max_val - min_val) / (qmax - qmin)).clamp_min(SCALE_EPS)
+    zero_point = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def channel_amax(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """Largest absolute value of each channel of ``weight`` along ``axis``."""
+    dims = [d for d in range(weight.dim()) if d != axis]
+    return weight.detach().abs().amax(dim=dims) if dims else weight.detach().abs()
+
+
+def mse_symmetric_scale(
+    weight: torch.Tensor, axis: int, qmin: int, qmax: int, grid: int = 100
+) -> torch.Tensor:
+    """Per-channel symmetric scale minimising the squared rounding error of ``weight``.
+
+    Searches clipping ratios in ``(0, 1]`` of each channel's absolute maximum.
+    """
+    w = weight.detach()
+    amax = channel_amax(w, axis)
+    dims = [d for d in range(w.dim()) if d != axis]
+    zero = torch.zeros_like(amax)
+    best_err = torch.full_like(amax, float("inf"))
+    best_scale = symmetric_scale(amax, qmin, qmax)
+    for ratio in torch.linspace(1.0, 0.2, grid).tolist():
+        scale = symmetric_scale(amax * ratio, qmin, qmax)
+        err = (fake_quantize(w, scale, zero, qmin, qmax, axis) - w).pow(2)
+        err = err.sum(dim=dims) if dims else err
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale

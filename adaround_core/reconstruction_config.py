@@ -1,0 +1,85 @@
+"""``AdaRoundConfig``: the validated form of ``custom_config_dict``.
+
+The seed's keys keep the seed's names and defaults; the extra keys are ours.
+Every error names the offending key, and an unknown key gets the closest known
+one suggested (``num_step`` -> ``num_steps``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class AdaRoundConfig(BaseModel):
+    """Settings of :func:`weight_reconstruction` (DESIGN.md §1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    # The seed's keys.
+    num_batches: int = Field(10, ge=1, description="DataLoader batches used (lists use all)")
+    num_steps: int = Field(100, ge=1, description="optimisation steps per layer")
+    exclude_prefix: list[str] = Field(default_factory=list, description="module name prefixes left as they are")
+    warm_up: float = Field(0.2, ge=0.0, le=1.0, description="fraction of steps without the regulariser")
+    weight: float = Field(0.01, ge=0.0, description="lambda, weight of the rounding regulariser")
+    b_range: tuple[float, float] = Field((20.0, 2.0), description="beta decays linearly from [0] to [1]")
+    # Ours.
+    lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the rounding variables")
+    batch_size: int | None = Field(None, ge=1, description="samples per step; None: the calibration batch size")
+    seed: int = Field(0, description="seed of sampling and of the held-out split")
+    guard: bool = Field(True, description="keep nearest rounding where AdaRound is worse on held-out samples")
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of cached samples kept for evaluation")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: chosen automatically")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("exclude_prefix", mode="before")
+    @classmethod
+    def _prefixes_not_a_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(f"must be a list of prefixes, not the string {value!r}; "
+                             f"write [{value!r}]")
+        if isinstance(value, tuple):
+            return list(value)
+        return value
+
+    @field_validator("b_range", mode="before")
+    @classmethod
+    def _b_range_from_list(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+    @field_validator("b_range", mode="after")
+    @classmethod
+    def _b_range_decreasing_positive(cls, value: tuple[float, float]) -> tuple[float, float]:
+        start, end = value
+        if not (start > 0 and end > 0):
+            raise ValueError(f"values must be positive, got {list(value)}")
+        if start <= end:
+            raise ValueError(f"must decrease (start > end), got {list(value)}")
+        return value
+
+    @classmethod
+    def from_dict(cls, custom: dict[str, Any] | None) -> AdaRoundConfig:
+        """Validate ``custom_config_dict``; raise ``ValueError`` naming the bad key."""
+        custom = dict(custom or {})
+        for key in custom:
+            if key not in cls.model_fields:
+                hint = difflib.get_close_matches(str(key), list(cls.model_fields), n=1)
+                tip = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ValueError(f"unknown key {key!r} in custom_config_dict{tip} "
+                                 f"(known keys: {', '.join(cls.model_fields)})")
+        try:
+            return cls(**custom)
+        except ValidationError as err:
+            raise ValueError(_describe(err)) from None
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "custom_config_dict"
+        lines.append(f"custom_config_dict[{key!r}]: {e['msg']} (got {e.get('input')!r})")
+    return "invalid AdaRound config: " + "; ".join(lines)

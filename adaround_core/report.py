@@ -1,0 +1,41 @@
+"""``ReconstructionReport``: what ``weight_reconstruction`` returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from adaround_core.layer_reconstruction import LayerReport
+
+
+@dataclass
+class ReconstructionReport:
+    """Per-layer outcomes, in the order the layers were rounded."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    num_threads: int = 1
+
+    def __iter__(self) -> Iterator[LayerReport]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> LayerReport:
+        return self.layers[index]
+
+    @property
+    def seconds(self) -> float:
+        return sum(layer.seconds for layer in self.layers)
+
+    def to_records(self) -> list[dict]:
+        """One plain dict per layer (for JSON, MLflow tables, DataFrames)."""
+        return [asdict(layer) for layer in self.layers]
+
+    def format_table(self) -> str:
+        """A fixed-width text table of the per-layer outcomes."""
+        rows = [f"{'layer':<28} {'nearest MSE':>12} {'AdaRound MSE':>12} {'kept':>9} {'s':>7}"]
+        for r in self.layers:
+            rows.append(f"{r.name:<28} {r.nearest_mse:>12.4g} {r.adaround_mse:>12.4g} "
+                        f"{r.decision:>9} {r.seconds:>7.2f}")
+        return "\n".join(rows)

@@ -1,0 +1,151 @@
+"""``weight_reconstruction``: AdaRound every Conv/Linear of a calibrated model, in place.
+
+The seed's API (``../shared/seed/weight_reconstruction.zh.txt``, DESIGN.md §1-2):
+layers are rounded one at a time in the order the forward pass first calls them,
+each against the float model's output of that layer on its quantized-model input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from adaround_core.batches import CalibrationBatches, model_device
+from adaround_core.fake_quantize import (
+    FakeQuantize,
+    FakeQuantState,
+    fake_quantizers,
+    get_fake_quantize_states,
+    restore_fake_quantize_states,
+)
+from adaround_core.layer_capture import capture_layer_io, first_call_order
+from adaround_core.layer_reconstruction import reconstruct_layer
+from adaround_core.layer_samples import InMemoryLayerSamples
+from adaround_core.quant_layers import QuantLayerMixin, quant_layers
+from adaround_core.reconstruction_config import AdaRoundConfig
+from adaround_core.report import ReconstructionReport
+from adaround_core.threads import choose_threads, intra_op_threads
+
+logger = logging.getLogger(__name__)
+
+
+def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
+                          batch_process_func: Callable[[Any], Any] | None = None,
+                          custom_config_dict: dict[str, Any] | None = None,
+                          ) -> ReconstructionReport:
+    """Learn the rounding of every quantized Conv/Linear of ``calib_model`` (AdaRound).
+
+    ``calib_model`` comes from ``prepare_qat_fx`` and has been calibrated; it may be in
+    the CALIBRATION state (as in the seed) or VALIDATION. Weights are rewritten in
+    place onto their frozen quantization grid; the model's fake-quant states and
+    calibration statistics are left as they were. ``batches`` is a list/tuple (moved
+    to the model's device once) or a DataLoader (streamed, ``num_batches`` of it).
+    Returns the per-layer report.
+    """
+    cfg = AdaRoundConfig.from_dict(custom_config_dict)
+    layers = _prepared_layers(calib_model)
+    data = CalibrationBatches(batches, batch_process_func, model_device(calib_model),
+                              cfg.num_batches)
+    num_threads = choose_threads(cfg.num_threads, model_device(calib_model))
+    with intra_op_threads(num_threads), _eval_mode(calib_model):
+        with _fake_quant_state(calib_model, FakeQuantState.FLOAT):
+            order, calls = first_call_order(calib_model, layers, data.first())
+        selected = _select_layers(order, cfg.exclude_prefix)
+        _check_calibrated(layers, selected)
+        with _fake_quant_state(calib_model, FakeQuantState.VALIDATION):
+            report = _reconstruct_layers(calib_model, layers, selected, calls, data, cfg)
+    report.num_threads = num_threads
+    return report
+
+
+mix_calibration = weight_reconstruction  # the seed's name for the DataLoader call
+
+
+def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], selected: list[str],
+                        calls: dict[str, int], data: CalibrationBatches,
+                        cfg: AdaRoundConfig) -> ReconstructionReport:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    float_model = _float_reference(model)
+    report = ReconstructionReport()
+    with tqdm(total=len(selected) * cfg.num_steps, unit="step", desc="AdaRound",
+              disable=not cfg.progress) as bar:
+        for name in selected:
+            bar.set_postfix_str(name)
+            layer = layers[name]
+            layer.freeze_weight_qparams()
+            inputs, targets = capture_layer_io(model, float_model, name, calls[name], data)
+            samples = InMemoryLayerSamples(inputs, targets, cfg.holdout_fraction, generator)
+            del inputs, targets
+            report.layers.append(reconstruct_layer(name, layer, samples, cfg, generator,
+                                                   on_step=lambda _: bar.update()))
+    return report
+
+
+def _prepared_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"calib_model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("calib_model was never prepared: call prepare_qat_fx(model), "
+                         "calibrate it, then call weight_reconstruction")
+    return layers
+
+
+def _select_layers(order: list[str], exclude_prefix: list[str]) -> list[str]:
+    if not order:
+        raise ValueError("the forward pass on the first batch called no quantized layer")
+    selected = [n for n in order if not any(n.startswith(p) for p in exclude_prefix)]
+    if not selected:
+        raise ValueError(f"no Conv/Linear layer left after exclude_prefix={exclude_prefix!r} "
+                         f"(layers: {order})")
+    skipped = len(order) - len(selected)
+    logger.info("AdaRound on %d layers (%d excluded by prefix)", len(selected), skipped)
+    return selected
+
+
+def _check_calibrated(layers: dict[str, QuantLayerMixin], selected: list[str]) -> None:
+    missing = [n for n in selected if isinstance(layers[n].input_fake_quant, FakeQuantize)
+               and not layers[n].input_fake_quant.has_qparams]
+    if missing:
+        raise ValueError(f"calib_model was never calibrated (no activation statistics for "
+                         f"{missing[:3]}...): set FakeQuantState.CALIBRATION and run forward "
+                         f"passes first")
+
+
+def _float_reference(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` computing in float, taken before any weight changes."""
+    reference = copy.deepcopy(model)
+    for fq in fake_quantizers(reference):
+        fq.state = FakeQuantState.FLOAT
+    reference.requires_grad_(False)
+    return reference
+
+
+@contextlib.contextmanager
+def _fake_quant_state(model: nn.Module, state: FakeQuantState) -> Iterator[None]:
+    """Put every fake quantizer in ``state`` for the block; restore the previous states
+    after, without recomputing qparams (so the calibration statistics stay as they were)."""
+    saved = get_fake_quantize_states(model)
+    for fq in fake_quantizers(model):
+        fq.set_state(state)
+    try:
+        yield
+    finally:
+        restore_fake_quantize_states(model, saved)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
