@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,12 @@ from adaround_core.reconstruction_config import AdaRoundConfig
 logger = logging.getLogger(__name__)
 
 HOLDOUT_CHUNK = 256  # held-out samples evaluated per forward call
+
+
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    """Random source of one layer, fixed by the seed and the layer's name alone, so a
+    layer's result does not depend on which layers ran before it in this process."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 @dataclass(frozen=True)

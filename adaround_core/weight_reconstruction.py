@@ -26,7 +26,7 @@ from adaround_core.fake_quantize import (
     restore_fake_quantize_states,
 )
 from adaround_core.layer_capture import capture_layer_io, first_call_order
-from adaround_core.layer_reconstruction import reconstruct_layer
+from adaround_core.layer_reconstruction import layer_generator, reconstruct_layer
 from adaround_core.layer_samples import InMemoryLayerSamples
 from adaround_core.quant_layers import QuantLayerMixin, quant_layers
 from adaround_core.reconstruction_config import AdaRoundConfig
@@ -71,7 +71,6 @@ mix_calibration = weight_reconstruction  # the seed's name for the DataLoader ca
 def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], selected: list[str],
                         calls: dict[str, int], data: CalibrationBatches,
                         cfg: AdaRoundConfig) -> ReconstructionReport:
-    generator = torch.Generator().manual_seed(cfg.seed)
     float_model = _float_reference(model)
     report = ReconstructionReport()
     with tqdm(total=len(selected) * cfg.num_steps, unit="step", desc="AdaRound",
@@ -81,6 +80,7 @@ def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], se
             layer = layers[name]
             layer.freeze_weight_qparams()
             inputs, targets = capture_layer_io(model, float_model, name, calls[name], data)
+            generator = layer_generator(cfg.seed, name)
             samples = InMemoryLayerSamples(inputs, targets, cfg.holdout_fraction, generator)
             del inputs, targets
             report.layers.append(reconstruct_layer(name, layer, samples, cfg, generator,
