@@ -57,8 +57,11 @@ def reconstruction_loss(output: torch.Tensor, target: torch.Tensor,
 
 
 def warm_up_steps(num_steps: int, warm_up: float) -> int:
-    """Number of leading steps without the regulariser: steps ``t < warm_up * num_steps``."""
-    return min(num_steps, math.ceil(warm_up * num_steps))
+    """Number of leading steps without the regulariser: steps ``t < warm_up * num_steps``.
+
+    The product is rounded first so float noise (``0.07 * 100 == 7.000000000000001``)
+    does not add a step."""
+    return min(num_steps, math.ceil(round(warm_up * num_steps, 9)))
 
 
 def beta_at(step: int, num_steps: int, warm_up: float,

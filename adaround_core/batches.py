@@ -92,12 +92,18 @@ class CalibrationBatches:
         self._check_pass_length(count)
 
     def _check_pass_length(self, count: int) -> None:
-        if count == 0:
-            raise ValueError("batches is empty: the DataLoader yielded no batch")
         if self._expected is not None and count < self._expected:
             raise ValueError("batches yielded fewer batches on a later pass; pass a list or a "
                              "re-iterable DataLoader, not a one-shot iterator")
+        if count == 0:
+            raise ValueError("batches is empty: the DataLoader yielded no batch")
         self._expected = count
+
+    def check_all(self) -> None:
+        """Read every batch once (a DataLoader: ``num_batches`` of it), so that bad data
+        (NaN/Inf, wrong device, empty) fails before anything touches the model."""
+        for _ in self:
+            pass
 
     def first(self) -> Any:
         """The first processed batch."""

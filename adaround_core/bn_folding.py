@@ -124,7 +124,7 @@ def fold_batchnorms(model: nn.Module, call_model) -> list[tuple[str, str]]:
         layer, bn = modules[layer_name], modules[bn_name]
         if _can_fold(layer, bn):
             fold_into_layer(layer, bn)
-            _replace_module(model, bn_name, nn.Identity())
+            _replace_module(model, bn_name, nn.Identity().train(bn.training))
             folded.append((layer_name, bn_name))
     logger.info("folded %d BatchNorm layers: %s", len(folded), folded)
     return folded

@@ -43,11 +43,13 @@ class FakeQuantize(nn.Module):
         self.register_buffer("calibrated", torch.tensor(False))  # qparams came from data
         self.register_buffer("frozen", torch.tensor(False))
         self.state = FakeQuantState.FLOAT
+        self.pending = False  # observed data not yet turned into qparams
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.state is FakeQuantState.CALIBRATION:
             if not self.frozen:
                 self.observer.observe(x)
+                self.pending = True
             return x
         if self.state is FakeQuantState.VALIDATION:
             return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
@@ -56,12 +58,14 @@ class FakeQuantize(nn.Module):
     @property
     def has_qparams(self) -> bool:
         """Whether qparams exist or can be computed (calibrated, frozen or observed)."""
-        return bool(self.calibrated) or bool(self.frozen) or self.observer.has_data
+        return bool(self.calibrated) or bool(self.frozen) or self.pending
 
     def update_qparams(self) -> None:
-        """Recompute scale and zero point from the observer (no-op when frozen or empty)."""
-        if self.frozen or not self.observer.has_data:
+        """Turn newly observed data into scale and zero point (no-op when frozen, or when
+        nothing was observed since the last update, e.g. after loading a checkpoint)."""
+        if self.frozen or not self.pending:
             return
+        self.pending = False
         scale, zero_point = self.observer.qparams(self.qmin, self.qmax)
         self.scale.copy_(scale.reshape(self.scale.shape))
         self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))

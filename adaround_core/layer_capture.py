@@ -62,38 +62,47 @@ def _check_single_input(name: str, args: tuple, kwargs: dict) -> None:
                          f"not replay; leave it out with exclude_prefix")
 
 
-def capture_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
-                     expected_calls: int, batches: Iterable[Any],
-                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """For every batch: the layer's fake-quantized input in ``quant_model`` and its output
-    in ``float_model`` (same qualified ``name`` in both)."""
+def iter_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
+                  expected_calls: int, batches: Iterable[Any],
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch (and per call of the layer): the layer's fake-quantized input in
+    ``quant_model`` and its output in ``float_model`` (same qualified ``name`` in both).
+
+    Streams: only one batch's tensors are alive at a time.
+    """
     quant_layer = quant_model.get_submodule(name)
     float_layer = float_model.get_submodule(name)
     inputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
-    seen = {"quant": 0, "float": 0}
 
     def grab_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
         _check_single_input(name, args, kwargs)
         inputs.append(module.input_fake_quant(args[0]).detach())
-        seen["quant"] += 1
-        if seen["quant"] == expected_calls:
+        if len(inputs) == expected_calls:
             raise _LayerReached
 
     def grab_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         targets.append(output.detach())
-        seen["float"] += 1
-        if seen["float"] == expected_calls:
+        if len(targets) == expected_calls:
             raise _LayerReached
 
     handles = [quant_layer.register_forward_pre_hook(grab_input, with_kwargs=True),
                float_layer.register_forward_hook(grab_output)]
     with _hooks(handles):
         for batch in batches:
-            seen["quant"] = seen["float"] = 0
+            inputs.clear()
+            targets.clear()
             _run_until(quant_model, batch)
             _run_until(float_model, batch)
-            if seen["quant"] != seen["float"]:
-                raise RuntimeError(f"layer {name!r} ran {seen['quant']} times in the quantized "
-                                   f"model but {seen['float']} times in the float model")
-    return inputs, targets
+            if len(inputs) != len(targets):
+                raise RuntimeError(f"layer {name!r} ran {len(inputs)} times in the quantized "
+                                   f"model but {len(targets)} times in the float model")
+            yield from zip(list(inputs), list(targets), strict=True)
+
+
+def capture_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
+                     expected_calls: int, batches: Iterable[Any],
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """All of :func:`iter_layer_io` as two lists (inputs, targets), in memory."""
+    pairs = list(iter_layer_io(quant_model, float_model, name, expected_calls, batches))
+    return [x for x, _ in pairs], [y for _, y in pairs]

@@ -57,6 +57,7 @@ class QuantLayerMixin:
         fq = self.weight_fake_quant
         if not bool(fq.frozen):
             fq.observer.observe(self.weight)
+            fq.pending = True
             fq.update_qparams()
             fq.freeze()
 

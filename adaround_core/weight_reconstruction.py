@@ -7,27 +7,19 @@ each against the float model's output of that layer on its quantized-model input
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from adaround_core.batches import CalibrationBatches, model_device
-from adaround_core.fake_quantize import (
-    FakeQuantize,
-    FakeQuantState,
-    fake_quantizers,
-    get_fake_quantize_states,
-    restore_fake_quantize_states,
-)
+from adaround_core.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.layer_capture import capture_layer_io, first_call_order
 from adaround_core.layer_reconstruction import layer_generator, reconstruct_layer
-from adaround_core.layer_samples import InMemoryLayerSamples
+from adaround_core.layer_samples import LayerSamples
+from adaround_core.model_modes import eval_mode, fake_quant_state, float_reference
 from adaround_core.quant_layers import QuantLayerMixin, quant_layers
 from adaround_core.reconstruction_config import AdaRoundConfig
 from adaround_core.report import ReconstructionReport
@@ -53,13 +45,15 @@ def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
     layers = _prepared_layers(calib_model)
     data = CalibrationBatches(batches, batch_process_func, model_device(calib_model),
                               cfg.num_batches)
+    data.check_all()
+    check_any_calibrated(layers)  # before any forward pass (one may fold BatchNorms)
     num_threads = choose_threads(cfg.num_threads, model_device(calib_model))
-    with intra_op_threads(num_threads), _eval_mode(calib_model):
-        with _fake_quant_state(calib_model, FakeQuantState.FLOAT):
+    with intra_op_threads(num_threads), eval_mode(calib_model):
+        with fake_quant_state(calib_model, FakeQuantState.FLOAT):
             order, calls = first_call_order(calib_model, layers, data.first())
-        selected = _select_layers(order, cfg.exclude_prefix)
-        _check_calibrated(layers, selected)
-        with _fake_quant_state(calib_model, FakeQuantState.VALIDATION):
+        selected = select_layers(order, cfg.exclude_prefix)
+        check_calibrated(layers, selected)
+        with fake_quant_state(calib_model, FakeQuantState.VALIDATION):
             report = _reconstruct_layers(calib_model, layers, selected, calls, data, cfg)
     report.num_threads = num_threads
     return report
@@ -71,7 +65,7 @@ mix_calibration = weight_reconstruction  # the seed's name for the DataLoader ca
 def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], selected: list[str],
                         calls: dict[str, int], data: CalibrationBatches,
                         cfg: AdaRoundConfig) -> ReconstructionReport:
-    float_model = _float_reference(model)
+    float_model = float_reference(model)
     report = ReconstructionReport()
     with tqdm(total=len(selected) * cfg.num_steps, unit="step", desc="AdaRound",
               disable=not cfg.progress) as bar:
@@ -81,7 +75,7 @@ def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], se
             layer.freeze_weight_qparams()
             inputs, targets = capture_layer_io(model, float_model, name, calls[name], data)
             generator = layer_generator(cfg.seed, name)
-            samples = InMemoryLayerSamples(inputs, targets, cfg.holdout_fraction, generator)
+            samples = LayerSamples.from_tensors(inputs, targets, cfg.holdout_fraction, generator)
             del inputs, targets
             report.layers.append(reconstruct_layer(name, layer, samples, cfg, generator,
                                                    on_step=lambda _: bar.update()))
@@ -98,7 +92,7 @@ def _prepared_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
     return layers
 
 
-def _select_layers(order: list[str], exclude_prefix: list[str]) -> list[str]:
+def select_layers(order: list[str], exclude_prefix: list[str]) -> list[str]:
     if not order:
         raise ValueError("the forward pass on the first batch called no quantized layer")
     selected = [n for n in order if not any(n.startswith(p) for p in exclude_prefix)]
@@ -110,42 +104,18 @@ def _select_layers(order: list[str], exclude_prefix: list[str]) -> list[str]:
     return selected
 
 
-def _check_calibrated(layers: dict[str, QuantLayerMixin], selected: list[str]) -> None:
+def check_any_calibrated(layers: dict[str, QuantLayerMixin]) -> None:
+    quantizers = [m.input_fake_quant for m in layers.values()
+                  if isinstance(m.input_fake_quant, FakeQuantize)]
+    if quantizers and not any(fq.has_qparams for fq in quantizers):
+        raise ValueError("calib_model was never calibrated (no activation statistics): set "
+                         "FakeQuantState.CALIBRATION and run forward passes first")
+
+
+def check_calibrated(layers: dict[str, QuantLayerMixin], selected: list[str]) -> None:
     missing = [n for n in selected if isinstance(layers[n].input_fake_quant, FakeQuantize)
                and not layers[n].input_fake_quant.has_qparams]
     if missing:
         raise ValueError(f"calib_model was never calibrated (no activation statistics for "
                          f"{missing[:3]}...): set FakeQuantState.CALIBRATION and run forward "
                          f"passes first")
-
-
-def _float_reference(model: nn.Module) -> nn.Module:
-    """A frozen copy of ``model`` computing in float, taken before any weight changes."""
-    reference = copy.deepcopy(model)
-    for fq in fake_quantizers(reference):
-        fq.state = FakeQuantState.FLOAT
-    reference.requires_grad_(False)
-    return reference
-
-
-@contextlib.contextmanager
-def _fake_quant_state(model: nn.Module, state: FakeQuantState) -> Iterator[None]:
-    """Put every fake quantizer in ``state`` for the block; restore the previous states
-    after, without recomputing qparams (so the calibration statistics stay as they were)."""
-    saved = get_fake_quantize_states(model)
-    for fq in fake_quantizers(model):
-        fq.set_state(state)
-    try:
-        yield
-    finally:
-        restore_fake_quantize_states(model, saved)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -35,3 +35,11 @@ def load_digits_splits(test_fraction: float = 0.3, num_calibration: int = 256,
     t = torch.from_numpy
     return DigitsSplits(t(x_train), t(y_train), t(x_train[calib]), t(y_train[calib]),
                         t(x_test), t(y_test))
+
+
+def digits_dataset(test_fraction: float = 0.3, num_calibration: int = 256,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """The pipeline's data contract: ``train_x/train_y/calib_x/test_x/test_y`` tensors."""
+    s = load_digits_splits(test_fraction, num_calibration, seed)
+    return {"train_x": s.train_x, "train_y": s.train_y, "calib_x": s.calib_x,
+            "test_x": s.test_x, "test_y": s.test_y}

@@ -1,0 +1,198 @@
+"""Row stores behind a layer's cached samples: in memory, or as shards on disk.
+
+A store holds rows (slices along dim 0) of one tensor shape and returns any rows
+by index. :class:`ShardStore` keeps them in raw binary shards described by a
+manifest (shape, dtype, SHA-256), and reads rows with ``os.pread``, so memory
+stays flat whatever the number of cached samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+
+
+class RowStore(Protocol):
+    """Rows of one shape; ``gather`` returns them on ``device`` in the order asked."""
+
+    num_rows: int
+    row_shape: tuple[int, ...]
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor: ...
+
+
+class TensorStore:
+    """Rows of a tensor held in memory (on the model's device)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.num_rows = tensor.shape[0]
+        self.row_shape = tuple(tensor.shape[1:])
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        return self.tensor.index_select(0, index.to(self.tensor.device))
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard file: ``rows`` rows of ``row_shape`` and ``dtype``, with its checksum."""
+
+    file: str
+    rows: int
+    row_shape: tuple[int, ...]
+    dtype: str
+    sha256: str
+
+
+class CorruptCacheError(RuntimeError):
+    """A shard is missing, truncated or does not match its manifest checksum."""
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_shard(directory: Path, file: str, tensor: torch.Tensor) -> ShardInfo:
+    """Write ``tensor`` as a raw shard (temporary name, then rename); return its info."""
+    data = tensor.detach().contiguous().cpu()
+    raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    tmp = directory / f".{file}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / file)
+    return ShardInfo(file, data.shape[0], tuple(data.shape[1:]), str(data.dtype),
+                     hashlib.sha256(raw).hexdigest())
+
+
+def write_manifest(directory: Path, groups: dict[str, list[ShardInfo]]) -> None:
+    """Atomically write the manifest that makes a cache directory valid."""
+    payload = {name: [asdict(s) for s in shards] for name, shards in groups.items()}
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, directory / MANIFEST)
+
+
+def read_manifest(directory: Path, verify: bool = True) -> dict[str, list[ShardInfo]]:
+    """The manifest of a cache directory; with ``verify``, every shard's size and checksum
+    are checked. Raises :class:`CorruptCacheError` on any mismatch or a missing manifest."""
+    path = directory / MANIFEST
+    if not path.exists():
+        raise CorruptCacheError(f"no manifest in {directory} (cache incomplete)")
+    groups = {name: [ShardInfo(s["file"], s["rows"], tuple(s["row_shape"]), s["dtype"],
+                               s["sha256"]) for s in shards]
+              for name, shards in json.loads(path.read_text()).items()}
+    if verify:
+        for shards in groups.values():
+            for shard in shards:
+                _verify(directory, shard)
+    return groups
+
+
+def _verify(directory: Path, shard: ShardInfo) -> None:
+    path = directory / shard.file
+    if not path.exists():
+        raise CorruptCacheError(f"shard {path} is missing")
+    if path.stat().st_size != _row_bytes(shard) * shard.rows:
+        raise CorruptCacheError(f"shard {path} has the wrong size (partial write?)")
+    if _sha256(path) != shard.sha256:
+        raise CorruptCacheError(f"shard {path} does not match its checksum")
+
+
+def _row_bytes(shard: ShardInfo) -> int:
+    numel = 1
+    for d in shard.row_shape:
+        numel *= d
+    return numel * torch.empty(0, dtype=_dtype(shard.dtype)).element_size()
+
+
+class ShardStore:
+    """Rows spread over shard files of one shape, read on demand with ``os.pread``."""
+
+    def __init__(self, directory: Path, shards: Iterable[ShardInfo],
+                 device: torch.device | str = "cpu") -> None:
+        self.shards = list(shards)
+        if len({(s.row_shape, s.dtype) for s in self.shards}) != 1:
+            raise ValueError("a ShardStore needs shards of one row shape and dtype")
+        self.directory = Path(directory)
+        self.row_shape = self.shards[0].row_shape
+        self.dtype = _dtype(self.shards[0].dtype)
+        self.device = torch.device(device)
+        self._row_bytes = _row_bytes(self.shards[0])
+        starts = [0]
+        for s in self.shards:
+            starts.append(starts[-1] + s.rows)
+        self._starts = torch.tensor(starts)
+        self.num_rows = starts[-1]
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, file: str) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(self.directory / file, os.O_RDONLY)
+        return self._fds[file]
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        index = index.cpu()
+        shard_of = torch.searchsorted(self._starts, index, right=True) - 1
+        buffer = bytearray(self._row_bytes * len(index))
+        view = memoryview(buffer)
+        for k, (row, shard) in enumerate(zip(index.tolist(), shard_of.tolist(), strict=True)):
+            info = self.shards[shard]
+            offset = (row - int(self._starts[shard])) * self._row_bytes
+            chunk = os.pread(self._fd(info.file), self._row_bytes, offset)
+            view[k * self._row_bytes:(k + 1) * self._row_bytes] = chunk
+        rows = torch.frombuffer(buffer, dtype=self.dtype) if buffer else torch.empty(0, dtype=self.dtype)
+        return rows.reshape(len(index), *self.row_shape).to(self.device)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def write_layer_cache(directory: Path, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Stream ``(inputs, targets)`` pairs into shards plus a manifest under ``directory``
+    (which must exist and be empty); returns the number of rows written."""
+    directory = Path(directory)
+    inputs: list[ShardInfo] = []
+    targets: list[ShardInfo] = []
+    for i, (x, y) in enumerate(pairs):
+        inputs.append(write_shard(directory, f"inputs_{i:05d}.bin", x))
+        targets.append(write_shard(directory, f"targets_{i:05d}.bin", y))
+    write_manifest(directory, {"inputs": inputs, "targets": targets})
+    return sum(s.rows for s in inputs)
+
+
+def cached_groups(directory: Path, device: torch.device | str = "cpu",
+                  ) -> list[tuple[ShardStore, ShardStore]]:
+    """``(inputs, targets)`` stores of a layer cache, one pair per input row shape,
+    in order of first appearance (the grouping of the in-memory path)."""
+    manifest = read_manifest(Path(directory), verify=False)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, shard in enumerate(manifest["inputs"]):
+        by_shape.setdefault(shard.row_shape, []).append(i)
+    return [(ShardStore(directory, [manifest["inputs"][i] for i in idx], device),
+             ShardStore(directory, [manifest["targets"][i] for i in idx], device))
+            for idx in by_shape.values()]

@@ -1,0 +1,51 @@
+"""Run-time plumbing of the flows: the task runner and the lock on the output dirs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.layout import Layout
+from tasks.params import PipelineParams
+
+_LOCKS: dict[str, FileLock] = {}  # one reentrant lock object per path in this process
+
+
+def make_task_runner(params: PipelineParams):
+    """A thread pool by default; Prefect's DaskTaskRunner on an existing cluster if asked."""
+    runtime = params.runtime
+    if runtime.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=runtime.max_workers)
+    if not runtime.dask_address:
+        raise ValueError("runtime.task_runner is 'dask' but runtime.dask_address is not set "
+                         "(e.g. tcp://127.0.0.1:8786)")
+    from prefect_dask import DaskTaskRunner  # optional: only the scale-out path needs it
+
+    return DaskTaskRunner(address=runtime.dask_address)
+
+
+@contextlib.contextmanager
+def output_lock(params: PipelineParams) -> Iterator[None]:
+    """Hold the lock of this configuration's output dirs; a second run waits
+    ``runtime.lock_timeout`` seconds, then fails naming the lock file."""
+    path = Layout(params).lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _LOCKS.setdefault(str(path.resolve()), FileLock(str(path)))
+    try:
+        lock.acquire(timeout=params.runtime.lock_timeout)
+    except Timeout:
+        raise RuntimeError(f"another pipeline run holds {path} (waited "
+                           f"{params.runtime.lock_timeout:g} s); wait for it to finish or use "
+                           f"other runtime directories") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def lock_path(params: PipelineParams) -> Path:
+    return Layout(params).lock

@@ -1,0 +1,96 @@
+"""One Prefect flow per pipeline stage; each reads its inputs from the stage before.
+
+Flows only compose tasks: the math is in ``adaround_core``, the work in ``tasks``.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from tqdm.auto import tqdm
+
+from flows.runtime import output_lock
+from tasks.activation_cache import cache_layer_activations
+from tasks.artifacts import Artifact, LayerResult
+from tasks.calibration import calibrate
+from tasks.data import prepare_data
+from tasks.evaluation import evaluate_models
+from tasks.layer_adaround import adaround_layer, assemble_checkpoint
+from tasks.layer_jobs import LayerJob
+from tasks.layout import Layout, existing
+from tasks.params import PipelineParams
+from tasks.planning import plan_layers
+from tasks.training import train_float_model
+from tasks.reporting import write_layer_outputs, write_metrics
+
+
+@flow(name="data")
+def data_flow(params: PipelineParams) -> Artifact:
+    """Build the dataset file."""
+    with output_lock(params):
+        return prepare_data(params, str(Layout(params).dataset))
+
+
+@flow(name="train")
+def train_flow(params: PipelineParams) -> Artifact:
+    """Train (or load) the float model."""
+    layout = Layout(params)
+    with output_lock(params):
+        dataset = existing(layout.dataset, "data")
+        return train_float_model(params, dataset, str(layout.float_checkpoint))
+
+
+@flow(name="calibrate")
+def calibrate_flow(params: PipelineParams) -> Artifact:
+    """Baseline calibration (nearest rounding)."""
+    layout = Layout(params)
+    with output_lock(params):
+        return calibrate(params, existing(layout.dataset, "data"),
+                         existing(layout.float_checkpoint, "train"),
+                         str(layout.calibrated_checkpoint))
+
+
+def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact,
+                  calibrated: Artifact) -> list[LayerResult]:
+    plan = plan_layers(params, dataset, float_model, calibrated)
+    progress_id = create_progress_artifact(0.0, key="adaround-layers",
+                                           description="layers rounded")
+    results: list[LayerResult] = []
+    for i, name in enumerate(tqdm(plan.names, desc="AdaRound layers", unit="layer")):
+        job = LayerJob(params, dataset, float_model, calibrated, name, plan.calls[name],
+                       tuple(results))
+        results.append(adaround_layer(job, cache_layer_activations(job)))
+        update_progress_artifact(progress_id, 100.0 * (i + 1) / len(plan.names))
+    return results
+
+
+@flow(name="adaround")
+def adaround_flow(params: PipelineParams) -> Artifact:
+    """Round every layer (resuming finished ones), then assemble the rounded checkpoint."""
+    layout = Layout(params)
+    with output_lock(params):
+        dataset = existing(layout.dataset, "data")
+        float_model = existing(layout.float_checkpoint, "train")
+        calibrated = existing(layout.calibrated_checkpoint, "calibrate")
+        results = _round_layers(params, dataset, float_model, calibrated)
+        reused = sum(r.reused for r in results)
+        get_run_logger().info("%d layers rounded, %d reused from earlier runs",
+                              len(results) - reused, reused)
+        write_layer_outputs(layout, results)
+        create_table_artifact([{"layer": r.name, **r.report, "reused": r.reused}
+                               for r in results], key="adaround-layer-report")
+        return assemble_checkpoint(params, dataset, float_model, calibrated, results,
+                                   str(layout.adaround_checkpoint))
+
+
+@flow(name="evaluate")
+def evaluate_flow(params: PipelineParams) -> dict[str, float]:
+    """Score float / baseline / AdaRound and write the metrics file."""
+    layout = Layout(params)
+    with output_lock(params):
+        scores = evaluate_models(params, existing(layout.dataset, "data"),
+                                 existing(layout.float_checkpoint, "train"),
+                                 existing(layout.calibrated_checkpoint, "calibrate"),
+                                 existing(layout.adaround_checkpoint, "adaround"))
+        return write_metrics(layout, scores)
+

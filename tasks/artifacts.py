@@ -1,0 +1,37 @@
+"""Small typed values passed between tasks: paths and digests, never tensors or modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file some task wrote, and the SHA-256 of its bytes."""
+
+    path: str
+    digest: str
+
+    @property
+    def file(self) -> Path:
+        return Path(self.path)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The layers to round, in first-call order, and how often each runs per forward."""
+
+    names: list[str]
+    calls: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One rounded layer: its result file and what AdaRound measured on it."""
+
+    name: str
+    path: str
+    digest: str
+    report: dict
+    reused: bool = False

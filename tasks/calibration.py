@@ -1,0 +1,33 @@
+"""Baseline calibration: observers over the calibration batches, qparams fixed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from adaround_core.fake_quantize import FakeQuantState, set_fake_quantize
+from adaround_core.prepare import prepare_qat_fx
+from tasks.artifacts import Artifact
+from tasks.io import load_tensors, save_tensors
+from tasks.model_state import calibration_batches, load_float_model
+from tasks.params import PipelineParams
+
+
+@task(retries=1, cache_policy=NO_CACHE)
+def calibrate(params: PipelineParams, dataset: Artifact, float_model: Artifact,
+              out: str) -> Artifact:
+    """Prepare, calibrate and save the fake-quant model (nearest rounding) to ``out``."""
+    batches = calibration_batches(params, load_tensors(dataset.file))
+    model = prepare_qat_fx(load_float_model(params, float_model.file), params.quant.qconfig(),
+                           example_inputs=batches[0]).eval()
+    set_fake_quantize(model, FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    set_fake_quantize(model, FakeQuantState.VALIDATION)  # turns statistics into qparams
+    digest = save_tensors(Path(out), model.state_dict())
+    get_run_logger().info("calibrated on %d batches; saved to %s", len(batches), out)
+    return Artifact(out, digest)

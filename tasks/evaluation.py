@@ -1,0 +1,31 @@
+"""Evaluation of the float, baseline-calibrated and AdaRound models."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.artifacts import Artifact
+from tasks.io import import_object, load_tensors
+from tasks.model_state import calibration_batches, load_calibrated_model, load_float_model
+from tasks.params import PipelineParams
+
+
+@task(retries=1, cache_policy=NO_CACHE)
+def evaluate_models(params: PipelineParams, dataset: Artifact, float_model: Artifact,
+                    calibrated: Artifact, rounded: Artifact) -> dict[str, float]:
+    """``eval.metric`` of each model on the test split, and the AdaRound - baseline delta."""
+    data = load_tensors(dataset.file)
+    metric = import_object(params.eval.metric)
+    example = calibration_batches(params, data)[0]
+    x, y = data["test_x"], data["test_y"]
+    scores = {
+        "float": metric(load_float_model(params, float_model.file), x, y,
+                        batch_size=params.eval.batch_size),
+        "baseline": metric(load_calibrated_model(params, float_model.file, calibrated.file,
+                                                 example), x, y, batch_size=params.eval.batch_size),
+        "adaround": metric(load_calibrated_model(params, float_model.file, rounded.file,
+                                                 example), x, y, batch_size=params.eval.batch_size),
+    }
+    get_run_logger().info("top-1: %s", scores)
+    return scores

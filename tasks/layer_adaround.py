@@ -1,0 +1,70 @@
+"""AdaRound of one layer from its disk cache, and assembling the rounded checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from safetensors import safe_open
+
+from adaround_core.fake_quantize import FakeQuantState
+from adaround_core.layer_reconstruction import layer_generator, reconstruct_layer
+from adaround_core.layer_samples import LayerSamples
+from adaround_core.model_modes import fake_quant_state
+from adaround_core.quant_layers import quant_layers
+from adaround_core.threads import choose_threads, intra_op_threads
+from tasks.artifacts import Artifact, LayerResult
+from tasks.io import file_digest, load_tensors, save_tensors
+from tasks.layer_jobs import LayerJob
+from tasks.model_state import apply_rounded_weight, calibration_batches, load_calibrated_model
+from tasks.params import PipelineParams
+
+
+def read_result(path: Path, name: str) -> LayerResult:
+    """A finished layer result (written atomically, so present means complete)."""
+    with safe_open(str(path), framework="pt") as f:
+        report = json.loads(f.metadata()["report"])
+    return LayerResult(name, str(path), file_digest(path), report, reused=True)
+
+
+def _round(job: LayerJob, cache: Artifact) -> dict:
+    cfg = job.params.adaround
+    model, _ = job.build_models()
+    layer = quant_layers(model)[job.name]
+    generator = layer_generator(cfg.seed, job.name)
+    with intra_op_threads(choose_threads(cfg.num_threads, torch.device("cpu"))), \
+            fake_quant_state(model, FakeQuantState.VALIDATION):
+        layer.freeze_weight_qparams()
+        samples = LayerSamples.from_cache(Path(cache.path), cfg.holdout_fraction, generator)
+        report = reconstruct_layer(job.name, layer, samples, cfg, generator)
+    return {"weight": layer.weight.detach(), "report": asdict(report)}
+
+
+@task(retries=1, cache_policy=NO_CACHE)
+def adaround_layer(job: LayerJob, cache: Artifact) -> LayerResult:
+    """Round one layer (or reuse its finished result) and save the rounded weight."""
+    path = job.result_path()
+    if path.exists():
+        get_run_logger().info("%s: result reused (%s)", job.name, path.name)
+        return read_result(path, job.name)
+    outcome = _round(job, cache)
+    digest = save_tensors(path, {"weight": outcome["weight"]},
+                          metadata={"report": json.dumps(outcome["report"]),
+                                    "key": job.result_key})
+    return LayerResult(job.name, str(path), digest, outcome["report"])
+
+
+@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def assemble_checkpoint(params: PipelineParams, dataset: Artifact, float_model: Artifact,
+                        calibrated: Artifact, results: list[LayerResult], out: str) -> Artifact:
+    """The calibrated model with every rounded layer written in, saved to ``out``."""
+    batches = calibration_batches(params, load_tensors(dataset.file))
+    model = load_calibrated_model(params, float_model.file, calibrated.file, batches[0])
+    for result in results:
+        apply_rounded_weight(model, result.name, load_tensors(Path(result.path))["weight"])
+    digest = save_tensors(Path(out), model.state_dict())
+    return Artifact(out, digest)

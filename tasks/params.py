@@ -1,0 +1,150 @@
+"""``params.yaml`` -> one typed, validated, frozen :class:`PipelineParams`.
+
+This is the only place the pipeline's configuration is parsed. An unknown key or
+a wrong type is an error naming the key (``adaround.num_step: unknown key; did
+you mean 'num_steps'?``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adaround_core.qconfig import QConfig
+from adaround_core.reconstruction_config import AdaRoundConfig
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataParams(_Section):
+    source: str = "adaround_core.demo.digits:digits_dataset"  # module:function -> dict of tensors
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelParams(_Section):
+    factory: str = "adaround_core.demo.models:DigitsCNN"  # module:function -> float nn.Module
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: str | None = None  # a state_dict file (safetensors or torch); skips training
+
+
+class TrainParams(_Section):
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+
+
+class QuantParams(_Section):
+    weight_bits: int = Field(4, ge=2, le=8)
+    activation_bits: int | None = Field(8, ge=2, le=16)
+    weight_observer: Literal["minmax", "mse"] = "minmax"
+    activation_observer: Literal["minmax", "mse", "percentile"] = "minmax"
+    percentile: float = 99.99
+
+    def qconfig(self) -> QConfig:
+        return QConfig(**self.model_dump())
+
+
+class CalibrationParams(_Section):
+    batch_size: int = Field(32, ge=1)
+    num_samples: int = Field(256, ge=1)  # first samples of calib_x used for calibration
+
+
+class EvalParams(_Section):
+    metric: str = "adaround_core.demo.training:top1"  # module:function(model, x, y, batch_size)
+    batch_size: int = Field(512, ge=1)
+
+
+class TrackingParams(_Section):
+    enabled: bool = True
+    experiment: str = "adaround"
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+
+
+class RuntimeParams(_Section):
+    seed: int = 0
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = None  # scheduler address of an existing Dask cluster
+    max_workers: int = Field(2, ge=1)
+    data_dir: str = "data"
+    checkpoint_dir: str = "checkpoints"
+    results_dir: str = "results"
+    cache_dir: str = "cache"
+    lock_timeout: float = Field(60.0, ge=0)  # seconds to wait for another run on these dirs
+
+
+class PipelineParams(_Section):
+    """Every knob of the pipeline, by ``params.yaml`` section."""
+
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    quant: QuantParams = QuantParams()
+    calibration: CalibrationParams = CalibrationParams()
+    adaround: AdaRoundConfig = AdaRoundConfig()
+    eval: EvalParams = EvalParams()
+    tracking: TrackingParams = TrackingParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+    def digest(self, *sections: str) -> str:
+        """SHA-256 of the named sections (all when none are named)."""
+        dump = self.model_dump(mode="json")
+        chosen = {k: dump[k] for k in (sections or dump)}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
+
+    def flat(self) -> dict[str, Any]:
+        """``{"adaround.num_steps": 100, ...}``: the config as flat key/value pairs."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def parse_params(raw: dict[str, Any] | None) -> PipelineParams:
+    """Validate a params mapping; raise ``ValueError`` naming the bad key."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ValueError("params must be a mapping of sections")
+    _reject_unknown_keys(raw, PipelineParams, "")
+    try:
+        return PipelineParams(**raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"params.yaml: {key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def _reject_unknown_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str) -> None:
+    for key, value in raw.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            hint = difflib.get_close_matches(str(key), list(model.model_fields), n=1)
+            tip = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(f"params.yaml: {prefix}{key}: unknown key{tip}")
+        sub = field.annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            _reject_unknown_keys(value, sub, f"{prefix}{key}.")
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> PipelineParams:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"params file {path} does not exist")
+    return parse_params(yaml.safe_load(path.read_text()))

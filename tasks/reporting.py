@@ -1,0 +1,37 @@
+"""Files that summarise a run: the per-layer report, its plot data, the metrics."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from tasks.artifacts import LayerResult
+from tasks.io import atomic_write_bytes, write_json
+from tasks.layout import Layout
+
+
+def write_layer_outputs(layout: Layout, results: list[LayerResult]) -> None:
+    """``adaround_report.json`` (per layer, in order) and ``layer_errors.csv`` for plots."""
+    rows = [{"index": i, "layer": r.name, "result": r.path, **r.report}
+            for i, r in enumerate(results)]
+    write_json(layout.layer_report, rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, ["index", "layer", "nearest_mse", "adaround_mse", "decision"],
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row[k] for k in writer.fieldnames})
+    atomic_write_bytes(layout.layer_plot, buffer.getvalue().encode())
+
+
+def write_metrics(layout: Layout, scores: dict[str, float]) -> dict:
+    """``metrics.json``: top-1 of float / baseline / AdaRound and the deltas."""
+    metrics = {
+        "float": {"top1": scores["float"]},
+        "baseline": {"top1": scores["baseline"]},
+        "adaround": {"top1": scores["adaround"]},
+        "delta_top1": scores["adaround"] - scores["baseline"],
+        "adaround_vs_float_top1": scores["adaround"] - scores["float"],
+    }
+    write_json(layout.metrics, metrics)
+    return metrics
