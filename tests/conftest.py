@@ -6,7 +6,6 @@ Helpers are exposed as fixtures (the suite has no ``__init__.py`` files).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 
 import pytest
@@ -128,10 +127,6 @@ class Helpers:
         calibrate(q, batches)
         return float_model, q, batches
 
-    @staticmethod
-    def copy(model: nn.Module) -> nn.Module:
-        return copy.deepcopy(model)
-
 
 FAST = {"num_steps": 20, "progress": False}
 
@@ -145,12 +140,3 @@ def h() -> type[Helpers]:
 def fast_cfg() -> dict:
     """A small AdaRound config: few steps, no progress bar."""
     return dict(FAST)
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    """Fixed seed per test; the thread setting is restored even if a test fails."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)

@@ -1,0 +1,1 @@
+"""Benchmarks of the AdaRound engine (scripts, not tests)."""

@@ -1,0 +1,84 @@
+"""``LayerSamples``: held-out split, random draws, shape groups."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from adaround_core.layer_samples import LayerSamples
+
+
+def _ids(n: int, start: int = 0, width: int = 3) -> torch.Tensor:
+    """Samples whose every entry is the sample's id, so draws can be traced back."""
+    return torch.arange(start, start + n, dtype=torch.float32).reshape(-1, 1).repeat(1, width)
+
+
+def _store(batches, holdout=0.1, seed=0):
+    inputs = list(batches)
+    targets = [2 * x for x in inputs]
+    return LayerSamples.from_tensors(inputs, targets, holdout, torch.Generator().manual_seed(seed))
+
+
+def test_holdout_split_is_disjoint_and_complete():
+    store = _store(_ids(20).split(5), holdout=0.1)
+    held = torch.cat([x for x, _ in store.holdout(3)])
+    assert held.shape[0] == 2  # round(0.1 * 20)
+    assert store.num_samples == 20
+    g = torch.Generator().manual_seed(1)
+    drawn = set()
+    for _ in range(50):
+        x, y = store.sample(8, g)
+        assert torch.equal(y, 2 * x)  # inputs and targets stay paired
+        drawn |= set(x[:, 0].tolist())
+    held_ids = set(held[:, 0].tolist())
+    assert not drawn & held_ids  # never trains on held-out samples
+    assert drawn | held_ids == set(range(20))
+
+
+def test_default_batch_size_is_the_first_batch_size():
+    store = _store(_ids(10).split(4))
+    assert store.default_batch_size == 4
+    x, _ = store.sample(7, torch.Generator().manual_seed(0))
+    assert x.shape == (7, 3)
+
+
+def test_holdout_chunks():
+    store = _store(_ids(40).split(10), holdout=0.25)
+    sizes = [x.shape[0] for x, _ in store.holdout(4)]
+    assert sizes == [4, 4, 2]
+
+
+def test_groups_by_shape_keep_shapes_consistent():
+    small = [_ids(6, 0, width=3)]
+    large = [_ids(6, 100, width=5)]
+    store = _store(small + large, holdout=0.0)
+    g = torch.Generator().manual_seed(0)
+    widths = set()
+    for _ in range(40):
+        x, y = store.sample(4, g)
+        widths.add(x.shape[1])
+        assert torch.equal(y, 2 * x)
+        assert (x[:, 0] < 100).all() if x.shape[1] == 3 else (x[:, 0] >= 100).all()
+    assert widths == {3, 5}
+
+
+def test_single_sample_is_judged_on_itself(caplog):
+    with caplog.at_level(logging.WARNING):
+        store = _store([_ids(1)])
+    assert "too few samples" in caplog.text
+    held = list(store.holdout(8))
+    assert len(held) == 1 and torch.equal(held[0][0], _ids(1))
+
+
+def test_same_seed_same_draws():
+    a, b = _store(_ids(30).split(6)), _store(_ids(30).split(6))
+    ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(5):
+        assert torch.equal(a.sample(4, ga)[0], b.sample(4, gb)[0])
+
+
+def test_no_samples_is_an_error():
+    with pytest.raises(ValueError, match="no samples"):
+        _store([])

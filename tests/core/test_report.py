@@ -1,0 +1,34 @@
+"""``ReconstructionReport``: per-layer outcomes in rounding order."""
+
+from __future__ import annotations
+
+import pytest
+
+from adaround_core.layer_reconstruction import LayerReport
+from adaround_core.report import ReconstructionReport
+
+
+def _report() -> ReconstructionReport:
+    return ReconstructionReport([
+        LayerReport("conv1", 0.5, 0.25, "adaround", 100, 1.5),
+        LayerReport("head", 0.1, 0.2, "nearest", 100, 0.25),
+    ], num_threads=1)
+
+
+def test_sequence_protocol_and_totals():
+    r = _report()
+    assert len(r) == 2 and r[1].name == "head"
+    assert [x.name for x in r] == ["conv1", "head"]
+    assert r.seconds == pytest.approx(1.75)
+    assert [x.kept_nearest for x in r] == [False, True]
+
+
+def test_records_and_table():
+    r = _report()
+    records = r.to_records()
+    assert records[0] == {"name": "conv1", "nearest_mse": 0.5, "adaround_mse": 0.25,
+                          "decision": "adaround", "num_steps": 100, "seconds": 1.5}
+    table = r.format_table().splitlines()
+    assert len(table) == 3
+    assert table[1].split()[:4] == ["conv1", "0.5", "0.25", "adaround"]
+    assert "nearest" in table[2]
