@@ -34,8 +34,9 @@ class ReconstructionReport:
 
     def format_table(self) -> str:
         """A fixed-width text table of the per-layer outcomes."""
-        rows = [f"{'layer':<28} {'nearest MSE':>12} {'AdaRound MSE':>12} {'kept':>9} {'s':>7}"]
+        width = max([len("layer"), *(len(r.name) for r in self.layers)])
+        rows = [f"{'layer':<{width}} {'nearest MSE':>12} {'AdaRound MSE':>12} {'kept':>9} {'s':>7}"]
         for r in self.layers:
-            rows.append(f"{r.name:<28} {r.nearest_mse:>12.4g} {r.adaround_mse:>12.4g} "
+            rows.append(f"{r.name:<{width}} {r.nearest_mse:>12.4g} {r.adaround_mse:>12.4g} "
                         f"{r.decision:>9} {r.seconds:>7.2f}")
         return "\n".join(rows)
