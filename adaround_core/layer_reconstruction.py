@@ -15,20 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from adaround_core.adaround_math import (
-    beta_at,
-    hard_quantized_weight,
-    init_rounding_variable,
-    reconstruction_loss,
-    rectified_sigmoid,
-    rounding_regularizer,
-    soft_quantized_weight,
-    split_on_grid,
-)
+from adaround_core.adaround_math import beta_at
 from adaround_core.layer_samples import LayerSamples
 from adaround_core.quant_layers import QuantLayerMixin
 from adaround_core.quant_math import fake_quantize
 from adaround_core.reconstruction_config import AdaRoundConfig
+from adaround_core.soft_rounding import FusedAdam, SoftRounding
 
 logger = logging.getLogger(__name__)
 
@@ -60,26 +52,37 @@ class LayerReport:
 def optimise_rounding(layer: QuantLayerMixin, samples: LayerSamples, cfg: AdaRoundConfig,
                       generator: torch.Generator,
                       on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Run ``cfg.num_steps`` Adam steps on the rounding variable ``V``; return the hard weight."""
+    """Run ``cfg.num_steps`` Adam steps on the rounding variable ``V``; return the hard weight.
+
+    The loss is DESIGN.md §2's (``adaround_math.reconstruction_loss`` plus ``cfg.weight``
+    times ``adaround_math.rounding_regularizer``); its gradient is taken by hand
+    (:class:`SoftRounding`), with autograd only through the layer itself.
+    """
     scale, qmin, qmax = layer.weight_qparams()
-    w_floor, rest = split_on_grid(layer.weight.detach(), scale)
-    v = init_rounding_variable(rest).requires_grad_(True)
-    optimizer = torch.optim.Adam([v], lr=cfg.lr)
+    rounding = SoftRounding(layer.weight, scale, qmin, qmax)
+    adam = FusedAdam(rounding.v, cfg.lr)
     batch_size = cfg.batch_size or samples.default_batch_size
-    for step in range(cfg.num_steps):
+    betas = [beta_at(step, cfg.num_steps, cfg.warm_up, cfg.b_range)
+             for step in range(cfg.num_steps)]
+    for step, beta in enumerate(betas):
         x, target = samples.sample(batch_size, generator)
-        h = rectified_sigmoid(v)
-        output = layer.forward_with_weight(x, soft_quantized_weight(w_floor, h, scale, qmin, qmax))
-        loss = reconstruction_loss(output, target, layer.output_channel_dim)
-        beta = beta_at(step, cfg.num_steps, cfg.warm_up, cfg.b_range)
-        if beta is not None:
-            loss = loss + cfg.weight * rounding_regularizer(h, beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        grad_weight = _reconstruction_grad(layer, x, target, rounding.update_soft_weight())
+        adam.step(rounding.grad_v(grad_weight, cfg.weight, beta))
         if on_step is not None:
             on_step(step)
-    return hard_quantized_weight(w_floor, v.detach(), scale, qmin, qmax)
+    return rounding.hard_weight()
+
+
+def _reconstruction_grad(layer: QuantLayerMixin, x: torch.Tensor, target: torch.Tensor,
+                         weight: torch.Tensor) -> torch.Tensor:
+    """``d reconstruction_loss / d weight`` of the layer's output on ``x``.
+
+    The loss is a squared error summed over output channels and averaged over the
+    other ``n`` positions, so ``dL/d output = 2 (output - target) / n``."""
+    output, backward = layer.weight_vjp(x, weight)
+    with torch.no_grad():
+        n = output.numel() // output.shape[layer.output_channel_dim]
+        return backward(torch.sub(output, target).mul_(2.0 / n))
 
 
 def nearest_weight(layer: QuantLayerMixin) -> torch.Tensor:

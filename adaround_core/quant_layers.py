@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ class QuantLayerMixin:
 
     Subclasses define ``forward_with_weight(x, weight)`` (the float op with a given
     weight and the layer's bias), ``weight_axis`` (output-channel axis of the weight)
-    and ``output_channel_dim`` (channel dimension of the output).
+    and ``output_channel_dim`` (channel dimension of the output). They may override
+    ``weight_vjp`` with a direct weight-gradient kernel.
     """
 
     weight_axis = 0
@@ -35,6 +36,25 @@ class QuantLayerMixin:
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x = self.input_fake_quant(x)
         return self.forward_with_weight(x, self.weight_fake_quant(self.weight), *args, **kwargs)
+
+    def weight_vjp(self, x: torch.Tensor, weight: torch.Tensor,
+                   ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """``forward_with_weight(x, weight)`` and the map ``dL/doutput -> dL/dweight``
+        (neither ``x`` nor the bias is differentiated).
+
+        Generic version: autograd through ``forward_with_weight``. The gradient is taken
+        of the scalar ``sum(output * dL/doutput)``, whose gradient is the same, because
+        handing autograd a non-scalar gradient imports sympy on first use (0.5 s)."""
+        leaf = weight.detach().requires_grad_(True)
+        with torch.enable_grad():
+            output = self.forward_with_weight(x, leaf)
+
+        def backward(grad_output: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad((output * grad_output).sum(), leaf)
+            return grad
+
+        return output.detach(), backward
 
     def attach_fake_quants(self, qconfig: QConfig) -> None:
         """Add ``input_fake_quant`` and ``weight_fake_quant`` for ``qconfig``."""
@@ -78,10 +98,47 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.bias)
 
+    def weight_vjp(self, x: torch.Tensor, weight: torch.Tensor,
+                   ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Direct kernel: ``dL/dW = dY^T X`` over all leading dimensions (one GEMM)."""
+        with torch.no_grad():
+            output = F.linear(x, weight, self.bias)
+
+        def backward(grad_output: torch.Tensor) -> torch.Tensor:
+            return grad_output.reshape(-1, grad_output.shape[-1]).t().mm(
+                x.reshape(-1, x.shape[-1]))
+
+        return output, backward
+
+
+def _conv_weight_grad(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, transposed: bool,
+                      output_padding: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``dL/doutput -> dL/dweight`` of a convolution by ATen's own backward kernel, asked
+    for the weight gradient only."""
+
+    def backward(grad_output: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            grad_output, x, weight, None, list(layer.stride), list(layer.padding),
+            list(layer.dilation), transposed, output_padding, layer.groups,
+            [False, True, False])[1]
+
+    return backward
+
 
 class _QuantConvNd(QuantLayerMixin):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, weight, self.bias)
+
+    def weight_vjp(self, x: torch.Tensor, weight: torch.Tensor,
+                   ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Direct kernel for batched input and zero padding given as numbers (else the
+        generic version)."""
+        if self.padding_mode != "zeros" or isinstance(self.padding, str) \
+                or x.dim() != len(self.stride) + 2:
+            return super().weight_vjp(x, weight)
+        with torch.no_grad():
+            output = self._conv_forward(x, weight, self.bias)
+        return output, _conv_weight_grad(self, x, weight, False, [0] * len(self.stride))
 
 
 class QuantConv1d(_QuantConvNd, nn.Conv1d):
@@ -107,6 +164,18 @@ class _QuantConvTransposeNd(QuantLayerMixin):
                                               self.kernel_size, self._spatial_dims, self.dilation)
         return type(self)._functional(x, weight, self.bias, self.stride, self.padding,
                                       output_padding, self.groups, self.dilation)
+
+    def weight_vjp(self, x: torch.Tensor, weight: torch.Tensor,
+                   ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Direct kernel (transposed convolution, default output size, batched input)."""
+        if x.dim() != len(self.stride) + 2:
+            return super().weight_vjp(x, weight)
+        output_padding = self._output_padding(x, None, self.stride, self.padding,
+                                              self.kernel_size, self._spatial_dims, self.dilation)
+        with torch.no_grad():
+            output = type(self)._functional(x, weight, self.bias, self.stride, self.padding,
+                                            output_padding, self.groups, self.dilation)
+        return output, _conv_weight_grad(self, x, weight, True, list(output_padding))
 
 
 class QuantConvTranspose1d(_QuantConvTransposeNd, nn.ConvTranspose1d):

@@ -153,13 +153,15 @@ class ShardStore:
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         index = index.cpu()
         shard_of = torch.searchsorted(self._starts, index, right=True) - 1
-        buffer = bytearray(self._row_bytes * len(index))
+        offsets = (index - self._starts[shard_of]) * self._row_bytes
+        size = self._row_bytes
+        buffer = bytearray(size * len(index))
         view = memoryview(buffer)
-        for k, (row, shard) in enumerate(zip(index.tolist(), shard_of.tolist(), strict=True)):
-            info = self.shards[shard]
-            offset = (row - int(self._starts[shard])) * self._row_bytes
-            chunk = os.pread(self._fd(info.file), self._row_bytes, offset)
-            view[k * self._row_bytes:(k + 1) * self._row_bytes] = chunk
+        fds = [self._fd(s.file) for s in self.shards]
+        for k, (shard, offset) in enumerate(zip(shard_of.tolist(), offsets.tolist(), strict=True)):
+            if _read_into(fds[shard], view[k * size:(k + 1) * size], offset) != size:
+                raise CorruptCacheError(f"shard {self.directory / self.shards[shard].file} "
+                                        f"is truncated")
         rows = torch.frombuffer(buffer, dtype=self.dtype) if buffer else torch.empty(0, dtype=self.dtype)
         return rows.reshape(len(index), *self.row_shape).to(self.device)
 
@@ -170,6 +172,15 @@ class ShardStore:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _read_into(fd: int, target: memoryview, offset: int) -> int:
+    """Read ``len(target)`` bytes at ``offset`` straight into ``target``; returns the count."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [target], offset)
+    chunk = os.pread(fd, len(target), offset)
+    target[:len(chunk)] = chunk
+    return len(chunk)
 
 
 def write_layer_cache(directory: Path, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:

@@ -2,6 +2,9 @@
 
     python -m flows run                         # data -> train -> calibrate -> adaround -> evaluate
     python -m flows adaround -S adaround.num_steps=500
+    python -m flows sweep -V quant.weight_bits=2 -V quant.weight_bits=4   # variants at once
+    python -m flows serve --cron "0 2 * * *"    # nightly, against `prefect server start`
+    python -m flows compare --last 5            # the last MLflow pipeline runs side by side
 """
 
 from __future__ import annotations
@@ -15,16 +18,24 @@ import yaml
 from tasks.params import load_params, parse_params
 
 STAGE_NAMES = ["data", "train", "calibrate", "adaround", "evaluate", "run"]
-REPORT_COMMANDS = ["show"]  # print the metrics of the last run, computing nothing
+REPORT_COMMANDS = ["show", "compare"]  # metrics of the last run / last MLflow runs; no compute
+SCALE_COMMANDS = ["sweep", "serve"]  # variants at once (flows/sweep.py); nightly (schedule.py)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flows", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=STAGE_NAMES + REPORT_COMMANDS)
+    p.add_argument("stage", choices=STAGE_NAMES + REPORT_COMMANDS + SCALE_COMMANDS)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a param, e.g. -S adaround.num_steps=500 (repeatable)")
+    p.add_argument("-V", "--variant", action="append", default=[], metavar="KEY=VALUE[,...]",
+                   help="sweep: one variant's overrides, e.g. -V quant.weight_bits=2 "
+                        "(repeat per variant)")
+    p.add_argument("--cron", default="0 2 * * *",
+                   help="serve: cron schedule of the pipeline (default: 02:00 nightly)")
+    p.add_argument("--name", default="nightly", help="serve: deployment name")
+    p.add_argument("--last", type=int, default=5, help="compare: how many runs (default: 5)")
     return p
 
 
@@ -60,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(show_metrics(params))
         return 0
+    if args.stage == "compare":
+        from flows.compare import compare_runs
+
+        print(compare_runs(params, args.last))
+        return 0
+    if args.stage in SCALE_COMMANDS:
+        return _scale(args, params)
     from flows.pipeline import run_stage  # imported late: Prefect start-up is slow
 
     result = run_stage(args.stage, params)
@@ -70,5 +88,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace, params) -> int:
+    if args.stage == "serve":
+        from flows.schedule import serve
+
+        serve(args.params, args.set, args.cron, args.name)  # blocks until stopped
+        return 0
+    from flows.sweep import format_sweep, run_sweep
+
+    print(format_sweep(run_sweep(params, args.variant)))
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main``, with errors a user fixes (bad params, unreachable store) as one line, exit 2."""
+    from tasks.preflight import PreflightError
+
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, LookupError, PreflightError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -7,6 +7,7 @@ from prefect import flow
 from flows.runtime import make_task_runner, output_lock
 from flows.stages import adaround_flow, calibrate_flow, data_flow, evaluate_flow, train_flow
 from tasks.params import PipelineParams
+from tasks.preflight import preflight
 
 STAGES = {
     "data": data_flow,
@@ -20,6 +21,7 @@ STAGES = {
 @flow(name="adaround-pipeline")
 def pipeline_flow(params: PipelineParams) -> dict:
     """Run every stage in order in one process; returns the metrics."""
+    preflight(params)  # a bad callable or an unreachable MLflow store fails before any work
     with output_lock(params):
         for stage in ("data", "train", "calibrate", "adaround"):
             STAGES[stage](params)

@@ -49,3 +49,23 @@ def output_lock(params: PipelineParams) -> Iterator[None]:
 
 def lock_path(params: PipelineParams) -> Path:
     return Layout(params).lock
+
+
+RUNTIME_DIRS = ("data_dir", "checkpoint_dir", "results_dir", "cache_dir")
+
+
+def anchored(params: PipelineParams, root: Path) -> PipelineParams:
+    """``params`` with relative runtime dirs (and ``model.pretrained``) made absolute under
+    ``root``: for runs whose working directory is not the project's (Dask workers, the
+    process a scheduled run executes in)."""
+    root = Path(root).resolve()
+
+    def absolute(path: str) -> str:
+        return str(path if Path(path).is_absolute() else root / path)
+
+    runtime = params.runtime.model_copy(
+        update={key: absolute(getattr(params.runtime, key)) for key in RUNTIME_DIRS})
+    model = params.model
+    if model.pretrained:
+        model = model.model_copy(update={"pretrained": absolute(model.pretrained)})
+    return params.model_copy(update={"runtime": runtime, "model": model})

@@ -6,7 +6,11 @@ Flows only compose tasks: the math is in ``adaround_core``, the work in ``tasks`
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from tqdm.auto import tqdm
 
 from flows.runtime import output_lock
@@ -15,13 +19,19 @@ from tasks.artifacts import Artifact, LayerResult
 from tasks.calibration import calibrate
 from tasks.data import prepare_data
 from tasks.evaluation import evaluate_models
-from tasks.layer_adaround import adaround_layer, assemble_checkpoint
+from tasks.layer_adaround import (
+    adaround_layer,
+    assemble_checkpoint,
+    finished_result,
+    remove_partial_results,
+)
 from tasks.layer_jobs import LayerJob
 from tasks.layout import Layout, existing
 from tasks.params import PipelineParams
 from tasks.planning import plan_layers
-from tasks.training import train_float_model
+from tasks.preflight import preflight
 from tasks.reporting import write_layer_outputs, write_metrics
+from tasks.training import train_float_model
 
 
 @flow(name="data")
@@ -35,6 +45,7 @@ def data_flow(params: PipelineParams) -> Artifact:
 def train_flow(params: PipelineParams) -> Artifact:
     """Train (or load) the float model."""
     layout = Layout(params)
+    preflight(params)
     with output_lock(params):
         dataset = existing(layout.dataset, "data")
         return train_float_model(params, dataset, str(layout.float_checkpoint))
@@ -53,13 +64,15 @@ def calibrate_flow(params: PipelineParams) -> Artifact:
 def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact,
                   calibrated: Artifact) -> list[LayerResult]:
     plan = plan_layers(params, dataset, float_model, calibrated)
+    remove_partial_results(params)
     progress_id = create_progress_artifact(0.0, key="adaround-layers",
                                            description="layers rounded")
     results: list[LayerResult] = []
     for i, name in enumerate(tqdm(plan.names, desc="AdaRound layers", unit="layer")):
         job = LayerJob(params, dataset, float_model, calibrated, name, plan.calls[name],
                        tuple(results))
-        results.append(adaround_layer(job, cache_layer_activations(job)))
+        result = finished_result(job)  # resuming: no task, no activation cache needed
+        results.append(result or adaround_layer(job, cache_layer_activations(job)))
         update_progress_artifact(progress_id, 100.0 * (i + 1) / len(plan.names))
     return results
 
@@ -68,6 +81,7 @@ def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifa
 def adaround_flow(params: PipelineParams) -> Artifact:
     """Round every layer (resuming finished ones), then assemble the rounded checkpoint."""
     layout = Layout(params)
+    preflight(params)  # a bad callable or an unreachable MLflow store fails before the work
     with output_lock(params):
         dataset = existing(layout.dataset, "data")
         float_model = existing(layout.float_checkpoint, "train")
@@ -85,12 +99,17 @@ def adaround_flow(params: PipelineParams) -> Artifact:
 
 @flow(name="evaluate")
 def evaluate_flow(params: PipelineParams) -> dict[str, float]:
-    """Score float / baseline / AdaRound and write the metrics file."""
+    """Score float / baseline / AdaRound, write the metrics file, record the run in MLflow."""
     layout = Layout(params)
     with output_lock(params):
         scores = evaluate_models(params, existing(layout.dataset, "data"),
                                  existing(layout.float_checkpoint, "train"),
                                  existing(layout.calibrated_checkpoint, "calibrate"),
                                  existing(layout.adaround_checkpoint, "adaround"))
-        return write_metrics(layout, scores)
+        metrics = write_metrics(layout, scores)
+        if params.tracking.enabled:
+            from tasks.tracking import record_pipeline_run  # imported late: mlflow takes ~1 s
+
+            record_pipeline_run(params, layout, metrics)
+        return metrics
 

@@ -7,15 +7,18 @@ import os
 import shutil
 from pathlib import Path
 
-from prefect import get_run_logger, task
+import torch
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adaround_core.fake_quantize import FakeQuantState
 from adaround_core.layer_capture import iter_layer_io
 from adaround_core.model_modes import fake_quant_state
 from adaround_core.sample_store import CorruptCacheError, read_manifest, write_layer_cache
+from adaround_core.threads import choose_threads, intra_op_threads
 from tasks.artifacts import Artifact
 from tasks.layer_jobs import LayerJob
+from tasks.run_logging import run_logger
 
 _DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
                 errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}
@@ -29,9 +32,39 @@ def _valid_cache(directory: Path) -> bool:
         read_manifest(directory, verify=True)
         return True
     except CorruptCacheError as err:
-        get_run_logger().warning("activation cache %s is corrupt (%s): recomputing", directory, err)
+        run_logger(__name__).warning("activation cache %s is corrupt (%s): recomputing",
+                                     directory, err)
         shutil.rmtree(directory, ignore_errors=True)
         return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_temporaries(directory: Path) -> None:
+    """Temporary cache dirs of this layer left by killed processes (their pid is gone)."""
+    for tmp in directory.parent.glob(f".{directory.name}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, directory: Path) -> None:
+    """Rename the finished cache into place; if another process published the same
+    cache first (same key, same content), keep theirs."""
+    try:
+        os.replace(tmp, directory)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _valid_cache(directory):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_cache(job: LayerJob, directory: Path) -> int:
@@ -39,11 +72,14 @@ def _write_cache(job: LayerJob, directory: Path) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
+        _remove_dead_temporaries(directory)
         model, reference = job.build_models()
-        with fake_quant_state(model, FakeQuantState.VALIDATION):
+        threads = choose_threads(job.params.adaround.num_threads, torch.device("cpu"))
+        with intra_op_threads(threads), fake_quant_state(model, FakeQuantState.VALIDATION):
+            # the library's thread setting: cached activations match its in-memory ones
             rows = write_layer_cache(tmp, iter_layer_io(model, reference, job.name, job.calls,
                                                         job.batches()))
-        os.replace(tmp, directory)
+        _publish(tmp, directory)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = _DISK_ERRORS.get(err.errno, err.strerror or str(err))
@@ -58,8 +94,8 @@ def cache_layer_activations(job: LayerJob) -> Artifact:
     """Make sure the layer's activation cache exists and is intact; return its directory."""
     directory = job.cache_dir()
     if _valid_cache(directory):
-        get_run_logger().info("%s: activation cache reused (%s)", job.name, directory)
+        run_logger(__name__).info("%s: activation cache reused (%s)", job.name, directory)
     else:
         rows = _write_cache(job, directory)
-        get_run_logger().info("%s: cached %d samples in %s", job.name, rows, directory)
+        run_logger(__name__).info("%s: cached %d samples in %s", job.name, rows, directory)
     return Artifact(str(directory), job.cache_key)

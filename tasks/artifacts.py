@@ -28,7 +28,8 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class LayerResult:
-    """One rounded layer: its result file and what AdaRound measured on it."""
+    """One rounded layer: its result file, the SHA-256 of its rounded weight (which keys
+    every later layer) and what AdaRound measured on it."""
 
     name: str
     path: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adaround_core.fake_quantize import FakeQuantState, set_fake_quantize
@@ -14,6 +14,7 @@ from tasks.artifacts import Artifact
 from tasks.io import load_tensors, save_tensors
 from tasks.model_state import calibration_batches, load_float_model
 from tasks.params import PipelineParams
+from tasks.run_logging import run_logger
 
 
 @task(retries=1, cache_policy=NO_CACHE)
@@ -29,5 +30,5 @@ def calibrate(params: PipelineParams, dataset: Artifact, float_model: Artifact,
             model(batch)
     set_fake_quantize(model, FakeQuantState.VALIDATION)  # turns statistics into qparams
     digest = save_tensors(Path(out), model.state_dict())
-    get_run_logger().info("calibrated on %d batches; saved to %s", len(batches), out)
+    run_logger(__name__).info("calibrated on %d batches; saved to %s", len(batches), out)
     return Artifact(out, digest)

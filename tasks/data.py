@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import Artifact
 from tasks.io import import_object, save_tensors
 from tasks.params import PipelineParams
+from tasks.run_logging import run_logger
 
 REQUIRED_KEYS = ("train_x", "train_y", "calib_x", "test_x", "test_y")
 
@@ -36,6 +37,6 @@ def prepare_data(params: PipelineParams, out: str) -> Artifact:
     source = params.data.source
     dataset = validate_dataset(import_object(source)(**params.data.kwargs), source)
     digest = save_tensors(Path(out), dataset)
-    get_run_logger().info("dataset %s: %s", out,
+    run_logger(__name__).info("dataset %s: %s", out,
                           {k: tuple(v.shape) for k, v in dataset.items()})
     return Artifact(out, digest)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import Artifact
 from tasks.io import import_object, load_tensors
 from tasks.model_state import calibration_batches, load_calibrated_model, load_float_model
 from tasks.params import PipelineParams
+from tasks.run_logging import run_logger
 
 
 @task(retries=1, cache_policy=NO_CACHE)
@@ -27,5 +28,5 @@ def evaluate_models(params: PipelineParams, dataset: Artifact, float_model: Arti
         "adaround": metric(load_calibrated_model(params, float_model.file, rounded.file,
                                                  example), x, y, batch_size=params.eval.batch_size),
     }
-    get_run_logger().info("top-1: %s", scores)
+    run_logger(__name__).info("top-1: %s", scores)
     return scores

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _CHUNK = 1 << 20
+_FILE_MODE = 0o644  # mkstemp creates 0600; outputs are shared like any written file
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -31,6 +32,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -56,6 +58,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor],
     os.close(fd)
     try:
         save_file(plain, tmp, metadata=metadata)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -80,6 +83,15 @@ def file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes: equal tensors, equal digests."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
+    if data.numel():
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors import safe_open
 
@@ -18,17 +18,42 @@ from adaround_core.model_modes import fake_quant_state
 from adaround_core.quant_layers import quant_layers
 from adaround_core.threads import choose_threads, intra_op_threads
 from tasks.artifacts import Artifact, LayerResult
-from tasks.io import file_digest, load_tensors, save_tensors
+from tasks.io import load_tensors, save_tensors, tensor_digest
 from tasks.layer_jobs import LayerJob
 from tasks.model_state import apply_rounded_weight, calibration_batches, load_calibrated_model
 from tasks.params import PipelineParams
+from tasks.run_logging import run_logger
 
 
 def read_result(path: Path, name: str) -> LayerResult:
     """A finished layer result (written atomically, so present means complete)."""
     with safe_open(str(path), framework="pt") as f:
         report = json.loads(f.metadata()["report"])
-    return LayerResult(name, str(path), file_digest(path), report, reused=True)
+        weight = f.get_tensor("weight")
+    return LayerResult(name, str(path), tensor_digest(weight), report, reused=True)
+
+
+def finished_result(job: LayerJob) -> LayerResult | None:
+    """The job's result from an earlier run, or None: a resumed run skips the layer
+    (and its activation cache) entirely."""
+    path = job.result_path()
+    if not path.exists():
+        return None
+    run_logger(__name__).info("%s: result reused (%s)", job.name, path.name)
+    return read_result(path, job.name)
+
+
+def remove_partial_results(params: PipelineParams) -> int:
+    """Delete temporary files a killed run left in ``results/layers`` (call under the
+    output lock: no other run writes there); returns how many were removed."""
+    removed = 0
+    for tmp in (Path(params.runtime.results_dir) / "layers").glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        run_logger(__name__).info("removed %d partial result files of an interrupted run",
+                                  removed)
+    return removed
 
 
 def _round(job: LayerJob, cache: Artifact) -> dict:
@@ -46,16 +71,19 @@ def _round(job: LayerJob, cache: Artifact) -> dict:
 
 @task(retries=1, cache_policy=NO_CACHE)
 def adaround_layer(job: LayerJob, cache: Artifact) -> LayerResult:
-    """Round one layer (or reuse its finished result) and save the rounded weight."""
-    path = job.result_path()
-    if path.exists():
-        get_run_logger().info("%s: result reused (%s)", job.name, path.name)
-        return read_result(path, job.name)
+    """Round one layer (or reuse its finished result) and save the rounded weight.
+
+    The result's digest is that of the rounded weight, not of the file (whose metadata
+    holds timings): recomputing a layer to the same weight leaves later layers' keys as
+    they were."""
+    reused = finished_result(job)
+    if reused is not None:
+        return reused
     outcome = _round(job, cache)
-    digest = save_tensors(path, {"weight": outcome["weight"]},
-                          metadata={"report": json.dumps(outcome["report"]),
-                                    "key": job.result_key})
-    return LayerResult(job.name, str(path), digest, outcome["report"])
+    save_tensors(job.result_path(), {"weight": outcome["weight"]},
+                 metadata={"report": json.dumps(outcome["report"]), "key": job.result_key})
+    return LayerResult(job.name, str(job.result_path()), tensor_digest(outcome["weight"]),
+                       outcome["report"])
 
 
 @task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)

@@ -8,8 +8,11 @@ depend on it get new keys; everything else is reused.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,10 @@ from tasks.model_state import apply_rounded_weight, calibration_batches, load_ca
 from tasks.params import PipelineParams
 from tasks.versioning import code_version
 
-ROUNDING_KEYS_IGNORED = {"progress"}  # settings that cannot change a result
+# Settings that cannot change a layer's result: the progress bar; which layers are left
+# out (a layer's own result does not depend on it, and the layers before it are in
+# ``previous``); num_batches (the pipeline always passes every calibration batch).
+ROUNDING_KEYS_IGNORED = {"progress", "exclude_prefix", "num_batches"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,8 @@ class LayerJob:
         return self._digest(rounding)
 
     def cache_dir(self) -> Path:
-        return Path(self.params.runtime.cache_dir) / "activations" / f"{self.name}--{self.cache_key[:24]}"
+        return (Path(self.params.runtime.cache_dir) / "activations"
+                / f"{self.name}--{self.cache_key[:24]}")
 
     def result_path(self) -> Path:
         return (Path(self.params.runtime.results_dir) / "layers"
@@ -63,9 +70,7 @@ class LayerJob:
 
     def build_models(self) -> tuple[nn.Module, nn.Module]:
         """The quantized model with earlier layers rounded, and the float reference."""
-        batches = calibration_batches(self.params, load_tensors(self.dataset.file))
-        model = load_calibrated_model(self.params, self.float_model.file, self.calibrated.file,
-                                      batches[0])
+        model = _calibrated_model(self)
         reference = float_reference(model)
         for result in self.previous:
             apply_rounded_weight(model, result.name, load_tensors(Path(result.path))["weight"])
@@ -73,3 +78,27 @@ class LayerJob:
 
     def batches(self) -> list:
         return calibration_batches(self.params, load_tensors(self.dataset.file))
+
+
+_MODELS: OrderedDict[tuple, nn.Module] = OrderedDict()  # calibrated models of this process
+_MODELS_LOCK = threading.Lock()
+_MODELS_KEPT = 2
+
+
+def _calibrated_model(job: LayerJob) -> nn.Module:
+    """A fresh copy of the job's calibrated model. Preparing it (BatchNorm folding runs a
+    forward pass) costs more than copying, and every layer's two tasks need it: it is built
+    once per process and checkpoint (keyed by digests, never mutated) and copied."""
+    key = (job.dataset.digest, job.float_model.digest, job.calibrated.digest,
+           job.params.digest("model", "quant", "calibration"))
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            batches = calibration_batches(job.params, load_tensors(job.dataset.file))
+            model = load_calibrated_model(job.params, job.float_model.file, job.calibrated.file,
+                                          batches[0])
+            _MODELS[key] = model
+            while len(_MODELS) > _MODELS_KEPT:
+                _MODELS.popitem(last=False)
+        _MODELS.move_to_end(key)
+        return copy.deepcopy(model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adaround_core.fake_quantize import FakeQuantState
@@ -14,6 +14,7 @@ from tasks.artifacts import Artifact, LayerPlan
 from tasks.io import load_tensors
 from tasks.model_state import calibration_batches, load_calibrated_model
 from tasks.params import PipelineParams
+from tasks.run_logging import run_logger
 
 
 @task(retries=1, cache_policy=NO_CACHE)
@@ -27,5 +28,5 @@ def plan_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact
         order, calls = first_call_order(model, layers, batches[0])
     names = select_layers(order, params.adaround.exclude_prefix)
     check_calibrated(layers, names)
-    get_run_logger().info("rounding %d layers: %s", len(names), names)
+    run_logger(__name__).info("rounding %d layers: %s", len(names), names)
     return LayerPlan(names, {n: calls[n] for n in names})

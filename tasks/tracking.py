@@ -1,0 +1,266 @@
+"""MLflow tracking of a pipeline run (DESIGN.md §3).
+
+One parent run per pipeline run, child runs ``float`` / ``baseline`` / ``adaround``, all
+addressed by id through an :class:`MlflowClient`: no fluent "active run", which a task
+submitted to another thread would not see. The store is ``tracking.tracking_uri`` if set,
+else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``, and it is always passed
+explicitly (MLflow otherwise switches silently to an old ``./mlruns`` directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.io import read_json
+from tasks.layout import Layout
+from tasks.params import PipelineParams
+from tasks.plots import layer_error_figure
+from tasks.preflight import PreflightError
+from tasks.provenance import provenance_tags
+
+logger = logging.getLogger(__name__)
+
+LOCAL_STORE = "mlflow.db"
+ROLE_TAG = "pipeline.role"  # "pipeline" on the parent run; the child runs carry their role
+PARENT_ROLE = "pipeline"
+CHECKPOINTS = {"float": "float_checkpoint", "baseline": "calibrated_checkpoint",
+               "adaround": "adaround_checkpoint"}  # child role -> Layout attribute
+LAYER_COLUMNS = ("index", "layer", "nearest_mse", "adaround_mse", "decision", "seconds")
+_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+_BATCH = 100  # MLflow's log_batch takes at most 100 params and 100 tags per call
+_CONNECTION_ERRORS = {"NewConnectionError": "nothing answers there (connection refused)",
+                      "NameResolutionError": "its host name does not resolve",
+                      "ConnectTimeout": "its host does not answer (connect timeout)",
+                      "ReadTimeout": "it did not answer in time (read timeout)"}
+
+
+class TrackingStoreError(PreflightError):
+    """The MLflow store cannot be used; the message names it and how to fix it."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        super().__init__(_advice(uri, reason))
+        self.uri, self.reason = uri, reason
+
+
+def local_tracking_uri() -> str:
+    """The default store: ``mlflow.db`` in the current directory, as an absolute path."""
+    return f"sqlite:///{Path.cwd().resolve() / LOCAL_STORE}"
+
+
+def tracking_uri(params: PipelineParams) -> str:
+    """``tracking.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the local store."""
+    return (params.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or local_tracking_uri())
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?")[0]).resolve()
+
+
+def _same_store(a: str, b: str) -> bool:
+    return a == b or (sqlite_path(a) is not None and sqlite_path(a) == sqlite_path(b))
+
+
+def _short(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    for marker, reason in _CONNECTION_ERRORS.items():  # urllib3's text hides the cause
+        if marker in text:
+            return reason
+    text = text.split("Caused by ", 1)[-1]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _advice(uri: str, reason: str) -> str:
+    fix = "Create that directory" if sqlite_path(uri) else "Start that server"
+    return (f"MLflow tracking store {uri} cannot be used: {reason}. {fix}, or point "
+            f"tracking.tracking_uri in params.yaml (or $MLFLOW_TRACKING_URI) at a reachable "
+            f"store (leave both unset for the local {local_tracking_uri()}), or set "
+            f"tracking.enabled: false to run without tracking.")
+
+
+def _view_hint(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"a browser at {uri}"
+    return f"`mlflow ui --backend-store-uri {uri}`"
+
+
+@contextlib.contextmanager
+def _fail_fast() -> Iterator[None]:
+    """No retries and a short timeout for MLflow's HTTP requests while the context lasts."""
+    saved = {key: os.environ.get(key) for key in _FAIL_FAST}
+    os.environ.update(_FAIL_FAST)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_uri(uri: str) -> str:
+    """The store at ``uri`` answers within seconds (no retries); raise ``TrackingStoreError``."""
+    db = sqlite_path(uri)
+    if db is not None and not db.parent.is_dir():
+        raise TrackingStoreError(uri, f"directory {db.parent} does not exist")
+    try:
+        with _fail_fast():
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # MLflow, connection and database errors alike
+        raise TrackingStoreError(uri, _short(err)) from None
+    return uri
+
+
+def check_tracking_store(params: PipelineParams) -> str:
+    """Preflight of the pipeline: the store of ``params`` answers; return its URI."""
+    return check_uri(tracking_uri(params))
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        db = sqlite_path(uri)  # a local store keeps its artifacts beside the database
+        root = (db.parent / "mlartifacts").as_uri() if db else None
+        try:
+            return client.create_experiment(name, artifact_location=root)
+        except MlflowException:  # another process created it meanwhile
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _param_value(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _log(client: MlflowClient, run_id: str, metrics: Sequence[Metric] = (),
+         params: dict | None = None, tags: dict | None = None) -> None:
+    """``log_batch`` in chunks within MLflow's per-call limits."""
+    metrics = list(metrics)
+    params = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+    tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for start in range(0, max(len(metrics), len(params), len(tags)), _BATCH):
+        chunk = slice(start, start + _BATCH)
+        client.log_batch(run_id, metrics=metrics[chunk], params=params[chunk], tags=tags[chunk])
+
+
+def _metrics(values: dict[str, float]) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, 0) for key, value in values.items()]
+
+
+def top1_metrics(metrics: dict) -> dict[str, dict[str, float]]:
+    """The metrics file's numbers, by run role."""
+    f, b, a = (metrics[key]["top1"] for key in ("float", "baseline", "adaround"))
+    return {
+        PARENT_ROLE: {"float_top1": f, "baseline_top1": b, "adaround_top1": a,
+                      "delta_top1": metrics["delta_top1"],
+                      "adaround_vs_float_top1": metrics["adaround_vs_float_top1"]},
+        "float": {"top1": f},
+        "baseline": {"top1": b, "delta_vs_float_top1": b - f},
+        "adaround": {"top1": a, "delta_top1": metrics["delta_top1"],
+                     "delta_vs_float_top1": metrics["adaround_vs_float_top1"]},
+    }
+
+
+@contextlib.contextmanager
+def _run(client: MlflowClient, experiment_id: str, role: str, tags: dict[str, str],
+         parent_id: str | None = None) -> Iterator[str]:
+    """A run that ends FINISHED, or FAILED when the block raises."""
+    tags = {**tags, ROLE_TAG: role}
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    run_id = client.create_run(experiment_id, tags=tags,
+                               run_name=role if parent_id else None).info.run_id
+    try:
+        yield run_id
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _log_artifact(client: MlflowClient, run_id: str, path: Path, artifact_path: str) -> None:
+    if Path(path).is_file():
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+    else:
+        logger.warning("%s does not exist: not logged to MLflow", path)
+
+
+def _log_layers(client: MlflowClient, run_id: str, layout: Layout) -> None:
+    """Per-layer errors as stepped metrics (step = layer index), a table and a plot."""
+    if not layout.layer_report.is_file():
+        logger.warning("%s does not exist: no per-layer results logged", layout.layer_report)
+        return
+    rows = read_json(layout.layer_report)
+    now = int(time.time() * 1000)
+    _log(client, run_id, [Metric(key, float(row[key]), now, int(row["index"]))
+                          for row in rows for key in ("nearest_mse", "adaround_mse")])
+    client.log_table(run_id, {c: [row.get(c) for row in rows] for c in LAYER_COLUMNS},
+                     "layer_errors.json")
+    client.log_figure(run_id, layer_error_figure(rows), "layer_errors.png")
+    _log_artifact(client, run_id, layout.layer_report, "results")
+
+
+def _record(uri: str, params: PipelineParams, layout: Layout, metrics: dict) -> str:
+    client = MlflowClient(uri)
+    experiment_id = _experiment_id(client, params.tracking.experiment, uri)
+    tags, config, top1 = provenance_tags(), params.flat(), top1_metrics(metrics)
+    with _run(client, experiment_id, PARENT_ROLE, tags) as parent:
+        _log(client, parent, _metrics(top1[PARENT_ROLE]), config,
+             {"params.digest": params.digest()})
+        client.log_dict(parent, params.model_dump(mode="json"), "params.yaml")
+        for role, checkpoint in CHECKPOINTS.items():
+            with _run(client, experiment_id, role, tags, parent_id=parent) as child:
+                _log(client, child, _metrics(top1[role]), config)
+                _log_artifact(client, child, getattr(layout, checkpoint), "checkpoints")
+                if role == "adaround":
+                    _log_layers(client, child, layout)
+    return parent
+
+
+def log_pipeline_run(params: PipelineParams, layout: Layout, metrics: dict) -> str:
+    """Record a finished pipeline run in MLflow; return the parent run's id.
+
+    When a store other than the local one fails, the run is recorded in the local store
+    instead and a warning says where: a server being down never loses a result.
+    """
+    uri = tracking_uri(params)
+    try:
+        run_id = _record(check_uri(uri), params, layout, metrics)
+    except Exception as err:
+        local = local_tracking_uri()
+        if _same_store(uri, local):
+            raise
+        run_id = _record(local, params, layout, metrics)
+        reason = err.reason if isinstance(err, TrackingStoreError) else _short(err)
+        logger.warning("MLflow store %s failed (%s): run %s was recorded in the LOCAL store %s "
+                       "instead; view it with %s", uri, reason, run_id, local,
+                       _view_hint(local))
+        return run_id
+    logger.info("MLflow run %s of experiment %r recorded in %s (view it with %s)",
+                run_id, params.tracking.experiment, uri, _view_hint(uri))
+    return run_id
+
+
+record_pipeline_run = task(name="mlflow-record-run", cache_policy=NO_CACHE)(log_pipeline_run)

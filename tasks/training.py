@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from adaround_core.demo.training import train_classifier
@@ -13,6 +13,7 @@ from tasks.artifacts import Artifact
 from tasks.io import load_tensors, save_tensors
 from tasks.model_state import build_float_model
 from tasks.params import PipelineParams
+from tasks.run_logging import run_logger
 
 
 def _pretrained_state(path: str) -> dict[str, torch.Tensor]:
@@ -34,5 +35,5 @@ def train_float_model(params: PipelineParams, dataset: Artifact, out: str) -> Ar
         train_classifier(model, data["train_x"], data["train_y"], epochs=t.epochs,
                          batch_size=t.batch_size, lr=t.lr, seed=params.runtime.seed)
     digest = save_tensors(Path(out), model.state_dict())
-    get_run_logger().info("float model saved to %s", out)
+    run_logger(__name__).info("float model saved to %s", out)
     return Artifact(out, digest)

@@ -103,3 +103,210 @@ def tiny_project(tmp_path: Path) -> Path:
     write_params(tmp_path)
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     return tmp_path
+
+
+# --- Orchestration tests (test_tasks, test_resume, test_cache, test_flow_e2e, test_memory,
+# test_faults, test_sweep_dask, test_schedule): a harness, shared checkpoints, helpers.
+
+TINY_LAYERS = ["conv1", "conv2", "conv3", "fc1", "head"]  # DigitsCNN, first-call order
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary server) for in-process flow runs, once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+class PipelineHelpers:
+    """Helpers of the orchestration tests, handed out by the ``pipe`` fixture."""
+
+    layers = TINY_LAYERS
+
+    @staticmethod
+    def params(directory: Path):
+        """The validated params of ``directory/params.yaml``, runtime dirs made absolute."""
+        from flows.runtime import anchored
+        from tasks.params import load_params
+
+        return anchored(load_params(directory / "params.yaml"), directory)
+
+    @staticmethod
+    def project(directory: Path, checkpoints: Path | None = None,
+                overrides: dict | None = None) -> Path:
+        """A tiny project in ``directory``; with ``checkpoints``, its data/ and checkpoints/
+        are copied in (the adaround stage can run at once)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        write_params(directory, overrides)
+        if checkpoints is not None:
+            for sub in ("data", "checkpoints"):
+                shutil.copytree(checkpoints / sub, directory / sub)
+        return directory
+
+    @staticmethod
+    def run_flows(directory: Path, *args: str, api_url: str | None, timeout: float = 300,
+                  check: bool = True, **env: str) -> subprocess.CompletedProcess:
+        """``python -m flows ARGS`` in ``directory``; stdout and stderr together as ``stdout``."""
+        proc = subprocess.run([sys.executable, "-m", "flows", *args], cwd=directory,
+                              env=subprocess_env(api_url, PYTHONPATH=str(REPO), **env),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"python -m flows {' '.join(args)} exited {proc.returncode}:"
+                                 f"\n{proc.stdout[-6000:]}")
+        return proc
+
+    @staticmethod
+    def layer_counts(output: str) -> tuple[int, int]:
+        """``(rounded, reused)`` from the adaround flow's "N layers rounded, M reused" line."""
+        import re
+
+        found = re.findall(r"(\d+) layers rounded, (\d+) reused", output)
+        assert found, f"no 'layers rounded' line in the output:\n{output[-4000:]}"
+        rounded, reused = found[-1]
+        return int(rounded), int(reused)
+
+    @staticmethod
+    def result_files(directory: Path) -> list[str]:
+        """Names of the finished per-layer results (temporary files left out)."""
+        return sorted(p.name for p in (directory / "results" / "layers").glob("*.safetensors")
+                      if not p.name.startswith("."))
+
+    @staticmethod
+    def library_state(params) -> dict:
+        """The in-memory library call on the project's calibrated checkpoint: the state_dict
+        ``weight_reconstruction`` leaves, to compare with the pipeline's checkpoint."""
+        from adaround_core.weight_reconstruction import weight_reconstruction
+        from tasks.io import load_tensors
+        from tasks.layout import Layout
+        from tasks.model_state import calibration_batches, load_calibrated_model
+
+        layout = Layout(params)
+        batches = calibration_batches(params, load_tensors(layout.dataset))
+        model = load_calibrated_model(params, layout.float_checkpoint,
+                                      layout.calibrated_checkpoint, batches[0])
+        weight_reconstruction(model, batches, None, params.adaround.model_dump())
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def pipe() -> type[PipelineHelpers]:
+    return PipelineHelpers
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """data/ and checkpoints/ (dataset, float, calibrated) of the tiny config, made once by
+    the task bodies themselves (``task.fn()``, no Prefect run); copy them into projects."""
+    import torch
+
+    from tasks.calibration import calibrate
+    from tasks.data import prepare_data
+    from tasks.layout import Layout
+    from tasks.training import train_float_model
+
+    root = PipelineHelpers.project(tmp_path_factory.mktemp("tiny-checkpoints"))
+    params = PipelineHelpers.params(root)
+    layout = Layout(params)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dataset = prepare_data.fn(params, str(layout.dataset))
+        float_model = train_float_model.fn(params, dataset, str(layout.float_checkpoint))
+        calibrate.fn(params, dataset, float_model, str(layout.calibrated_checkpoint))
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+# --- MLflow and DVC tests (test_tracking, test_compare, test_dvc_pipeline, test_dvc_remote).
+
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "tests", "GIT_AUTHOR_EMAIL": "tests@example.invalid",
+                "GIT_COMMITTER_NAME": "tests", "GIT_COMMITTER_EMAIL": "tests@example.invalid"}
+
+
+def project_env(prefect_api_url: str | None = None, **extra: str) -> dict[str, str]:
+    """``subprocess_env`` plus a git identity, with no MLflow store inherited from outside."""
+    env = subprocess_env(prefect_api_url, **GIT_IDENTITY, **extra)
+    if "MLFLOW_TRACKING_URI" not in extra:
+        env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def run_cmd(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """A command in ``cwd``; stdout and stderr together as ``stdout``; fails loudly."""
+    proc = subprocess.run(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def fake_results():
+    """``make(directory, top1=(float, baseline, adaround), **param_overrides)``: a project
+    whose checkpoints, layer report and metrics are written directly (no pipeline run), with
+    tracking on and the MLflow store ``directory/store/mlflow.db``; returns
+    ``(params, layout, metrics)``."""
+    from tasks.io import save_tensors, write_json
+    from tasks.layout import Layout
+    from tasks.params import load_params
+    from tasks.reporting import write_metrics
+
+    def make(directory: Path, top1=(90.0, 80.0, 85.0), **overrides):
+        import torch
+
+        (directory / "store").mkdir(parents=True, exist_ok=True)
+        tracking = {"enabled": True, "experiment": "fake",
+                    "tracking_uri": f"sqlite:///{directory / 'store' / 'mlflow.db'}",
+                    **overrides.pop("tracking", {})}
+        write_params(directory, {"tracking": tracking, **overrides})
+        params = load_params(directory / "params.yaml")
+        runtime = {k: str(directory / getattr(params.runtime, k)) for k in
+                   ("data_dir", "checkpoint_dir", "results_dir", "cache_dir")}
+        params = params.model_copy(update={"runtime": params.runtime.model_copy(update=runtime)})
+        layout = Layout(params)
+        for i, path in enumerate((layout.float_checkpoint, layout.calibrated_checkpoint,
+                                  layout.adaround_checkpoint)):
+            save_tensors(path, {"fc.weight": torch.full((2, 3), float(i))})
+        write_json(layout.layer_report, [
+            {"index": i, "layer": name, "nearest_mse": 0.5 / (i + 1), "adaround_mse": 0.1 / (i + 1),
+             "decision": "adaround", "seconds": 0.1} for i, name in enumerate(["conv1", "fc1", "head"])])
+        metrics = write_metrics(layout, dict(zip(("float", "baseline", "adaround"), top1,
+                                                 strict=True)))
+        return params, layout, metrics
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def dvc_project(tmp_path_factory, prefect_server):
+    """A git + DVC repo with the project's code, dvc.yaml and tiny params (tracking on, the
+    default local store), after its first ``dvc repro`` and a commit of the results.
+    Returns ``(path, output of the first repro)``. Tests that change it work on a copy
+    (``copy_project``)."""
+    root = tmp_path_factory.mktemp("dvc-project")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("adaround_core", "tasks", "flows"):
+        shutil.copytree(REPO / name, root / name, ignore=ignore)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    write_params(root, {"tracking": {"enabled": True, "experiment": "tiny"}})
+    env = project_env(prefect_server)
+    run_cmd(["git", "init", "-q"], root, env)
+    run_cmd([f"{VENV_BIN}/dvc", "init", "-q"], root, env)
+    run_cmd(["git", "add", "-A"], root, env)
+    run_cmd(["git", "commit", "-qm", "tiny project"], root, env)
+    first = run_cmd([f"{VENV_BIN}/dvc", "repro"], root, env, timeout=400).stdout
+    run_cmd(["git", "add", "-A"], root, env)
+    run_cmd(["git", "commit", "-qm", "first repro"], root, env)
+    return root, first
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    """A copy of a git + DVC project (repo, DVC cache, outputs and MLflow store)."""
+    shutil.copytree(source, target, symlinks=True)
+    return target

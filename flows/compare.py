@@ -1,0 +1,77 @@
+"""``python -m flows compare``: the last pipeline runs side by side, read from MLflow alone.
+
+Only what differs between the runs is shown: the config keys whose values differ, then
+baseline and AdaRound top-1 and their delta. ``mlflow ui`` lists the same parent runs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from tasks.params import PipelineParams
+from tasks.tracking import PARENT_ROLE, ROLE_TAG, check_uri, sqlite_path, tracking_uri
+
+METRIC_COLUMNS = (("baseline %", "baseline_top1", "{:.2f}"), ("AdaRound %", "adaround_top1", "{:.2f}"),
+                  ("delta", "delta_top1", "{:+.2f}"))
+MAX_VALUE = 32  # longer config values are cut in the table
+
+
+def pipeline_runs(client: MlflowClient, experiment_id: str, last: int) -> list[Run]:
+    """The ``last`` parent runs of the experiment, newest first."""
+    return list(client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = '{PARENT_ROLE}'",
+                                   max_results=last, order_by=["attributes.start_time DESC"]))
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose value is not the same in every run (missing counts as a value)."""
+    keys = sorted(set().union(*(run.data.params for run in runs)))
+    return [key for key in keys if len({run.data.params.get(key) for run in runs}) > 1]
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 3] + "..."
+
+
+def _row(run: Run, keys: list[str]) -> list[str]:
+    started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    metrics = run.data.metrics
+    return [run.info.run_name or "", run.info.run_id[:8], started,
+            *(_cut(run.data.params.get(key, "-")) for key in keys),
+            *(fmt.format(metrics[name]) if name in metrics else "-"
+              for _, name, fmt in METRIC_COLUMNS)]
+
+
+def format_comparison(runs: list[Run], keys: list[str]) -> str:
+    """A fixed-width table: one line per run, the differing keys, then top-1 and delta."""
+    header = ["run", "id", "started", *keys, *(title for title, _, _ in METRIC_COLUMNS)]
+    rows = [header] + [_row(run, keys) for run in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    text_columns = 3 + len(keys)
+    lines = ["  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in rows]
+    if not keys:
+        lines.append("(no config key differs between these runs)")
+    return "\n".join(lines)
+
+
+def compare_runs(params: PipelineParams, last: int = 5) -> str:
+    """The comparison table of the last ``last`` pipeline runs of ``tracking.experiment``."""
+    if last < 1:
+        raise ValueError(f"--last must be at least 1, got {last}")
+    uri, name = tracking_uri(params), params.tracking.experiment
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise LookupError(f"no MLflow store at {db}: run the pipeline (`dvc repro` or "
+                          f"`python -m flows run`) with tracking.enabled: true first")
+    client = MlflowClient(check_uri(uri))
+    experiment = client.get_experiment_by_name(name)
+    runs = pipeline_runs(client, experiment.experiment_id, last) if experiment else []
+    if not runs:
+        raise LookupError(f"no pipeline runs in MLflow experiment {name!r} at {uri}: run the "
+                          f"pipeline with tracking.enabled: true first")
+    title = f"last {len(runs)} pipeline runs of experiment {name!r} in {uri}, newest first"
+    return f"{title}\n{format_comparison(runs, differing_keys(runs))}"

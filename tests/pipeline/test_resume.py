@@ -1,0 +1,81 @@
+"""Kill-and-resume: a real ``python -m flows adaround`` killed with SIGKILL, then rerun."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, subprocess_env
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_checkpoints, prefect_server, pipe):
+    """An uninterrupted adaround run: its checkpoint bytes and result file names."""
+    project = pipe.project(tmp_path_factory.mktemp("uninterrupted"), tiny_checkpoints)
+    out = pipe.run_flows(project, "adaround", api_url=prefect_server).stdout
+    assert pipe.layer_counts(out) == (len(pipe.layers), 0)
+    return (project / "checkpoints" / "adaround.safetensors").read_bytes(), \
+        pipe.result_files(project)
+
+
+def _finished(project: Path, trigger: str) -> int:
+    if trigger == "results":
+        folder, wanted = project / "results" / "layers", lambda p: p.suffix == ".safetensors"
+    else:
+        folder, wanted = project / "cache" / "activations", Path.is_dir
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if not p.name.startswith(".") and wanted(p))
+
+
+def _run_and_kill(project: Path, api_url: str, trigger: str, count: int) -> str:
+    """Start the adaround stage; SIGKILL it once ``count`` results (or activation caches)
+    are on disk; return its output."""
+    log = project / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows", "adaround"], cwd=project,
+                                env=subprocess_env(api_url, PYTHONPATH=str(REPO)),
+                                stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        try:
+            while _finished(project, trigger) < count:
+                assert proc.poll() is None, f"finished before the kill:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "no progress"
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return log.read_text()
+
+
+@pytest.mark.parametrize(("trigger", "count"), [("results", 2), ("cache", 4)])
+def test_killed_run_resumes_redoing_at_most_the_layer_in_flight(
+        tmp_path, tiny_checkpoints, prefect_server, pipe, reference, trigger, count):
+    ref_checkpoint, ref_results = reference
+    project = pipe.project(tmp_path / "p", tiny_checkpoints)
+    _run_and_kill(project, prefect_server, trigger, count)
+
+    done = pipe.result_files(project)
+    cached = {p.name.split("--")[0] for p in (project / "cache" / "activations").iterdir()
+              if not p.name.startswith(".")}
+    assert 0 < len(done) < len(pipe.layers), "the kill did not land inside the run"
+    assert not (project / "checkpoints" / "adaround.safetensors").exists()
+    assert set(done) <= set(ref_results)  # results of the killed run are final, not partial
+
+    out = pipe.run_flows(project, "adaround", api_url=prefect_server).stdout
+    rounded, reused = pipe.layer_counts(out)
+    assert reused == len(done), "a finished layer was redone"
+    assert rounded == len(pipe.layers) - len(done)
+    in_flight = {n for n in cached if not any(f.startswith(f"{n}--") for f in done)}
+    for name in in_flight:  # its complete activation cache survived the kill: reused
+        assert f"{name}: activation cache reused" in out
+    assert (project / "checkpoints" / "adaround.safetensors").read_bytes() == ref_checkpoint
+    assert pipe.result_files(project) == ref_results
+    assert not [p for p in (project / "results" / "layers").iterdir()
+                if p.name.startswith(".")], "temporary files were left behind"

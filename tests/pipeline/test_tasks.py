@@ -1,0 +1,200 @@
+"""Task bodies called as plain functions (``task.fn()``): what each one writes and returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaround_core.fake_quantize import FakeQuantState
+from adaround_core.layer_capture import capture_layer_io
+from adaround_core.layer_reconstruction import layer_generator, reconstruct_layer
+from adaround_core.layer_samples import LayerSamples
+from adaround_core.model_modes import fake_quant_state
+from adaround_core.quant_layers import quant_layers
+from adaround_core.sample_store import read_manifest
+from adaround_core.threads import intra_op_threads
+from flows.runtime import make_task_runner
+from tasks.activation_cache import cache_layer_activations
+from tasks.artifacts import Artifact, LayerPlan, LayerResult
+from tasks.data import prepare_data, validate_dataset
+from tasks.evaluation import evaluate_models
+from tasks.io import file_digest, load_tensors, tensor_digest
+from tasks.layer_adaround import adaround_layer, assemble_checkpoint
+from tasks.layer_jobs import LayerJob
+from tasks.layout import Layout, existing
+from tasks.planning import plan_layers
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_checkpoints, pipe) -> Path:
+    return pipe.project(tmp_path_factory.mktemp("tasks"), tiny_checkpoints)
+
+
+@pytest.fixture(scope="module")
+def params(project, pipe):
+    return pipe.params(project)
+
+
+@pytest.fixture(scope="module")
+def inputs(params) -> tuple[Artifact, Artifact, Artifact]:
+    layout = Layout(params)
+    return (existing(layout.dataset, "data"), existing(layout.float_checkpoint, "train"),
+            existing(layout.calibrated_checkpoint, "calibrate"))
+
+
+def _job(params, inputs, name: str, previous=(), calls: int = 1) -> LayerJob:
+    return LayerJob(params, *inputs, name, calls, tuple(previous))
+
+
+def test_prepare_data_writes_the_data_contract(tmp_path, params):
+    artifact = prepare_data.fn(params, str(tmp_path / "d.safetensors"))
+    data = load_tensors(artifact.file)
+    assert set(data) >= {"train_x", "train_y", "calib_x", "test_x", "test_y"}
+    assert data["calib_x"].shape == (64, 1, 8, 8)
+    assert artifact.digest == file_digest(artifact.file)
+    with pytest.raises(ValueError, match="calib_x"):
+        validate_dataset({"train_x": torch.zeros(1)}, "pkg:fn")
+    with pytest.raises(TypeError, match="not a dict"):
+        validate_dataset([1, 2], "pkg:fn")
+
+
+def test_plan_layers_first_call_order_and_exclude_prefix(params, inputs, pipe):
+    plan = plan_layers.fn(params, *inputs)
+    assert plan.names == pipe.layers
+    assert plan.calls == dict.fromkeys(pipe.layers, 1)
+    fewer = params.model_copy(update={"adaround": params.adaround.model_copy(
+        update={"exclude_prefix": ["fc", "head"]})})
+    assert plan_layers.fn(fewer, *inputs).names == ["conv1", "conv2", "conv3"]
+
+
+def test_cache_task_writes_verified_shards_once(params, inputs):
+    job = _job(params, inputs, "conv2")
+    artifact = cache_layer_activations.fn(job)
+    directory = Path(artifact.path)
+    manifest = read_manifest(directory, verify=True)
+    assert sum(s.rows for s in manifest["inputs"]) == params.calibration.num_samples
+    assert manifest["inputs"][0].row_shape == (4, 8, 8)  # conv2 input: width 4, 8x8
+    assert manifest["targets"][0].row_shape == (4, 8, 8)
+    stamp = (directory / "manifest.json").stat().st_mtime_ns
+    assert cache_layer_activations.fn(job).path == artifact.path
+    assert (directory / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+def test_disk_path_rounds_a_layer_exactly_as_the_in_memory_path(params, inputs):
+    """One AdaRound implementation: the task (shards on disk) and the library's in-memory
+    samples give the same rounded weight, bit for bit."""
+    job = _job(params, inputs, "conv1")
+    result = adaround_layer.fn(job, cache_layer_activations.fn(job))
+    disk_weight = load_tensors(Path(result.path))["weight"]
+
+    cfg = params.adaround
+    model, reference = job.build_models()
+    layer = quant_layers(model)["conv1"]
+    generator = layer_generator(cfg.seed, "conv1")
+    with intra_op_threads(1), fake_quant_state(model, FakeQuantState.VALIDATION):
+        layer.freeze_weight_qparams()
+        x, y = capture_layer_io(model, reference, "conv1", 1, job.batches())
+        samples = LayerSamples.from_tensors(x, y, cfg.holdout_fraction, generator)
+        report = reconstruct_layer("conv1", layer, samples, cfg, generator)
+    assert torch.equal(disk_weight, layer.weight.detach())
+    assert result.report["decision"] == report.decision
+    assert result.digest == tensor_digest(disk_weight)
+
+
+def test_adaround_layer_reuses_a_finished_result(params, inputs):
+    job = _job(params, inputs, "conv1")
+    first = adaround_layer.fn(job, cache_layer_activations.fn(job))
+    stamp = Path(first.path).stat().st_mtime_ns
+    again = adaround_layer.fn(job, None)  # a finished layer needs no cache at all
+    assert again.reused and again.digest == first.digest and again.path == first.path
+    assert Path(first.path).stat().st_mtime_ns == stamp
+
+
+def test_layer_keys_follow_exactly_what_a_result_depends_on(params, inputs):
+    base = _job(params, inputs, "conv2")
+
+    def changed(section: str, **update) -> LayerJob:
+        sub = getattr(params, section).model_copy(update=update)
+        return dataclasses.replace(base, params=params.model_copy(update={section: sub}))
+
+    steps = changed("adaround", num_steps=21)
+    assert steps.result_key != base.result_key and steps.cache_key == base.cache_key
+    for same in (changed("adaround", progress=True), changed("eval", batch_size=7),
+                 changed("tracking", experiment="other"), changed("train", epochs=9),
+                 changed("adaround", exclude_prefix=["fc"]), changed("adaround", num_batches=3)):
+        assert (same.result_key, same.cache_key) == (base.result_key, base.cache_key)
+    bits = changed("quant", weight_bits=3)
+    assert bits.cache_key != base.cache_key and bits.result_key != base.result_key
+    earlier = LayerResult("conv1", "x", "a" * 64, {})
+    other = LayerResult("conv1", "x", "b" * 64, {})
+    with_prev = dataclasses.replace(base, previous=(earlier,))
+    assert with_prev.cache_key != base.cache_key
+    assert dataclasses.replace(base, previous=(other,)).result_key != with_prev.result_key
+    # the digest of an earlier result is of its weight, not of its file's bytes
+    assert dataclasses.replace(base, previous=(dataclasses.replace(
+        earlier, path="elsewhere", report={"seconds": 9.0}),)).result_key == with_prev.result_key
+
+
+def test_tasks_pass_small_plain_values(params, inputs):
+    job = _job(params, inputs, "conv1")
+    values = [*inputs, plan_layers.fn(params, *inputs), cache_layer_activations.fn(job),
+              adaround_layer.fn(job, cache_layer_activations.fn(job))]
+    for value in values:
+        assert isinstance(value, (Artifact, LayerPlan, LayerResult))
+        fields = dataclasses.asdict(value)
+        assert not any(isinstance(v, (torch.Tensor, torch.nn.Module)) for v in fields.values())
+        assert len(pickle.dumps(value)) < 4096
+    assert len(pickle.dumps(job)) < 16384  # params, paths and digests only
+
+
+def test_assemble_and_evaluate(tmp_path, params, inputs, pipe):
+    results, previous = [], []
+    for name in pipe.layers:
+        job = _job(params, inputs, name, previous)
+        results.append(adaround_layer.fn(job, cache_layer_activations.fn(job)))
+        previous = list(results)
+    out = assemble_checkpoint.fn(params, *inputs, results, str(tmp_path / "a.safetensors"))
+    state = load_tensors(out.file)
+    for r in results:
+        assert torch.equal(state[f"{r.name}.weight"], load_tensors(Path(r.path))["weight"])
+    scores = evaluate_models.fn(params, *inputs, out)
+    assert set(scores) == {"float", "baseline", "adaround"}
+    assert all(0.0 <= s <= 100.0 for s in scores.values())
+    assert scores["float"] > 50.0  # the tiny model did learn the digits
+
+
+def test_tensor_digest_is_of_content():
+    a = torch.arange(6, dtype=torch.float32)
+    assert tensor_digest(a) == tensor_digest(a.clone())
+    assert tensor_digest(a) != tensor_digest(a.reshape(2, 3))
+    assert tensor_digest(a) != tensor_digest(a.double())
+    b = a.clone()
+    b[3] += 1e-6
+    assert tensor_digest(a) != tensor_digest(b)
+
+
+def test_task_runner_comes_from_config(params):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    assert isinstance(make_task_runner(params), ThreadPoolTaskRunner)
+    dask = params.model_copy(update={"runtime": params.runtime.model_copy(
+        update={"task_runner": "dask", "dask_address": None})})
+    with pytest.raises(ValueError, match="dask_address"):
+        make_task_runner(dask)
+
+
+def test_io_tasks_retry(params):
+    for io_task in (cache_layer_activations, prepare_data, assemble_checkpoint):
+        assert io_task.retries >= 1
+
+
+def test_missing_cache_dir_is_rebuilt(params, inputs):
+    job = _job(params, inputs, "conv3")
+    first = Path(cache_layer_activations.fn(job).path)
+    shutil.rmtree(first)
+    assert read_manifest(Path(cache_layer_activations.fn(job).path), verify=True)
