@@ -62,7 +62,8 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -114,7 +115,7 @@ def _verify(directory: Path, shard: ShardInfo) -> None:
         raise CorruptCacheError(f"shard {path} is missing")
     if path.stat().st_size != _row_bytes(shard) * shard.rows:
         raise CorruptCacheError(f"shard {path} has the wrong size (partial write?)")
-    if _sha256(path) != shard.sha256:
+    if file_sha256(path) != shard.sha256:
         raise CorruptCacheError(f"shard {path} does not match its checksum")
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-_CHUNK = 1 << 20
+from adaround_core.sample_store import file_sha256
+
 _FILE_MODE = 0o644  # mkstemp creates 0600; outputs are shared like any written file
 
 
@@ -79,11 +80,7 @@ def load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
