@@ -31,8 +31,17 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def indexed_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index: ``cuda`` is the current CUDA device, as tensors name it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def to_device(batch: Any, device: torch.device, index: int) -> Any:
     """Move CPU tensors of ``batch`` to ``device``; a tensor on another accelerator is an error."""
+    device = indexed_device(device)
 
     def move(t: Any) -> Any:
         if not isinstance(t, torch.Tensor) or t.device == device:
@@ -62,7 +71,7 @@ class CalibrationBatches:
     def __init__(self, batches: Iterable, process: Callable | None, device: torch.device,
                  num_batches: int) -> None:
         self._process = process or (lambda b: b)
-        self._device = device
+        self._device = indexed_device(device)
         self._num_batches = num_batches
         self._expected: int | None = None
         if isinstance(batches, (list, tuple)):

@@ -15,8 +15,6 @@ import sys
 
 import yaml
 
-from tasks.params import load_params, parse_params
-
 STAGE_NAMES = ["data", "train", "calibrate", "adaround", "evaluate", "run"]
 REPORT_COMMANDS = ["show", "compare"]  # metrics of the last run / last MLflow runs; no compute
 SCALE_COMMANDS = ["sweep", "serve"]  # variants at once (flows/sweep.py); nightly (schedule.py)
@@ -63,23 +61,21 @@ def configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging()
-    params = load_params(args.params)
-    if args.set:
-        params = parse_params(apply_overrides(params.model_dump(mode="json"), args.set))
-    if args.stage == "show":
-        from flows.summary import show_metrics
+    if args.stage in REPORT_COMMANDS or args.stage == "serve":
+        return _no_flow_run(args, load_args_params(args))
+    from flows.api_server import start_temporary_api_server
 
-        print(show_metrics(params))
-        return 0
-    if args.stage == "compare":
-        from flows.compare import compare_runs
+    server = start_temporary_api_server()  # boots while the imports below run
+    params = load_args_params(args)
+    if args.stage == "sweep":
+        from flows.sweep import format_sweep, run_sweep
 
-        print(compare_runs(params, args.last))
+        server.wait_until_ready()
+        print(format_sweep(run_sweep(params, args.variant)))
         return 0
-    if args.stage in SCALE_COMMANDS:
-        return _scale(args, params)
     from flows.pipeline import run_stage  # imported late: Prefect start-up is slow
 
+    server.wait_until_ready()
     result = run_stage(args.stage, params)
     if args.stage in ("evaluate", "run"):
         from flows.summary import format_metrics
@@ -88,27 +84,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _scale(args: argparse.Namespace, params) -> int:
-    if args.stage == "serve":
+def load_args_params(args: argparse.Namespace):
+    """The params file with the ``-S`` overrides applied, validated."""
+    from tasks.params import load_params, parse_params  # imports torch: after the server
+
+    params = load_params(args.params)
+    if args.set:
+        params = parse_params(apply_overrides(params.model_dump(mode="json"), args.set))
+    return params
+
+
+def _no_flow_run(args: argparse.Namespace, params) -> int:
+    """``show``, ``compare`` (no compute) and ``serve`` (needs a running server)."""
+    if args.stage == "show":
+        from flows.summary import show_metrics
+
+        print(show_metrics(params))
+    elif args.stage == "compare":
+        from flows.compare import compare_runs
+
+        print(compare_runs(params, args.last))
+    else:
         from flows.schedule import serve
 
         serve(args.params, args.set, args.cron, args.name)  # blocks until stopped
-        return 0
-    from flows.sweep import format_sweep, run_sweep
-
-    print(format_sweep(run_sweep(params, args.variant)))
     return 0
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """``main``, with errors a user fixes (bad params, unreachable store) as one line, exit 2."""
-    from tasks.preflight import PreflightError
+EXIT_BAD_INPUT = 2  # bad params, a missing input, an unreachable store: fix, then rerun
+EXIT_BUSY = 75  # another run holds the outputs (EX_TEMPFAIL): rerun when it has finished
 
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main``, with errors a user acts on as one line: exit 2 (fix the input) or 75 (the
+    outputs are busy: try again later)."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError, LookupError, PreflightError) as err:
+    except Exception as err:
+        from flows.runtime import OutputsBusyError  # imported late: they import torch
+        from tasks.preflight import PreflightError
+
+        if isinstance(err, OutputsBusyError):
+            code = EXIT_BUSY
+        elif isinstance(err, (ValueError, FileNotFoundError, LookupError, PreflightError)):
+            code = EXIT_BAD_INPUT
+        else:
+            raise
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return code
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ from tasks.params import PipelineParams
 _LOCKS: dict[str, FileLock] = {}  # one reentrant lock object per path in this process
 
 
+class OutputsBusyError(RuntimeError):
+    """Another run holds this configuration's output dirs (try again when it has finished)."""
+
+
 def make_task_runner(params: PipelineParams):
     """A thread pool by default; Prefect's DaskTaskRunner on an existing cluster if asked."""
     runtime = params.runtime
@@ -38,7 +42,7 @@ def output_lock(params: PipelineParams) -> Iterator[None]:
     try:
         lock.acquire(timeout=params.runtime.lock_timeout)
     except Timeout:
-        raise RuntimeError(f"another pipeline run holds {path} (waited "
+        raise OutputsBusyError(f"another pipeline run holds {path} (waited "
                            f"{params.runtime.lock_timeout:g} s); wait for it to finish or use "
                            f"other runtime directories") from None
     try:

@@ -20,6 +20,7 @@ from prefect import flow
 
 from flows.runtime import anchored, make_task_runner
 from tasks.params import load_params, parse_params
+from tasks.preflight import PreflightError
 
 DEPLOYMENT_FLOW = "adaround-nightly"
 
@@ -53,7 +54,7 @@ def require_server() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise RuntimeError("scheduling needs a running Prefect server: start one with "
+        raise PreflightError("scheduling needs a running Prefect server: start one with "
                            "`prefect server start` and set PREFECT_API_URL (e.g. "
                            "http://127.0.0.1:4200/api); the temporary server of a plain "
                            "`python -m flows run` cannot hold a schedule")

@@ -45,7 +45,7 @@ def data_flow(params: PipelineParams) -> Artifact:
 def train_flow(params: PipelineParams) -> Artifact:
     """Train (or load) the float model."""
     layout = Layout(params)
-    preflight(params)
+    preflight(params, "train")
     with output_lock(params):
         dataset = existing(layout.dataset, "data")
         return train_float_model(params, dataset, str(layout.float_checkpoint))
@@ -81,7 +81,7 @@ def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifa
 def adaround_flow(params: PipelineParams) -> Artifact:
     """Round every layer (resuming finished ones), then assemble the rounded checkpoint."""
     layout = Layout(params)
-    preflight(params)  # a bad callable or an unreachable MLflow store fails before the work
+    preflight(params, "adaround")  # a bad callable or an unreachable MLflow store fails now
     with output_lock(params):
         dataset = existing(layout.dataset, "data")
         float_model = existing(layout.float_checkpoint, "train")

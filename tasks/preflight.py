@@ -10,11 +10,25 @@ class PreflightError(RuntimeError):
     """The configuration cannot work; the message names the setting and how to fix it."""
 
 
-def check_callables(params: PipelineParams) -> None:
-    """Every ``module:function`` of the params imports and is callable."""
-    for key, spec in (("data.source", params.data.source),
-                      ("model.factory", params.model.factory),
-                      ("eval.metric", params.eval.metric)):
+STAGE_ORDER = ("data", "train", "calibrate", "adaround", "evaluate")
+# Each callable of the params and the last stage that calls it: a stage checks only
+# what it or a later stage will call (the adaround stage does not import the data source).
+CALLABLE_LAST_USED_BY = {"data.source": "data", "model.factory": "evaluate",
+                         "eval.metric": "evaluate"}
+
+
+def callables_needed_from(stage: str) -> list[str]:
+    """The params keys of the callables that ``stage`` or a later stage calls."""
+    start = STAGE_ORDER.index(stage)
+    return [key for key, last in CALLABLE_LAST_USED_BY.items()
+            if STAGE_ORDER.index(last) >= start]
+
+
+def check_callables(params: PipelineParams, keys: list[str] | None = None) -> None:
+    """Every ``module:function`` of the params (or of ``keys``) imports and is callable."""
+    for key in keys or list(CALLABLE_LAST_USED_BY):
+        section, field = key.split(".")
+        spec = getattr(getattr(params, section), field)
         try:
             target = import_object(spec)
         except ValueError as err:
@@ -24,9 +38,10 @@ def check_callables(params: PipelineParams) -> None:
                                  f"{type(target).__name__}, not a callable")
 
 
-def preflight(params: PipelineParams) -> None:
-    """The callables import and, when tracking is on, the MLflow store answers."""
-    check_callables(params)
+def preflight(params: PipelineParams, stage: str = "data") -> None:
+    """The callables that ``stage`` and the stages after it call import and, when tracking
+    is on, the MLflow store answers."""
+    check_callables(params, callables_needed_from(stage))
     if params.tracking.enabled:
         from tasks.tracking import check_tracking_store  # imported late: mlflow takes ~1 s
 

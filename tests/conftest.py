@@ -130,6 +130,20 @@ class Helpers:
 
 FAST = {"num_steps": 20, "progress": False}
 
+# Every test that takes ``device`` runs on the CPU, and on CUDA where a GPU is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """The device; on CUDA with full float32 convolutions (the tests compare against
+    float32 references, and cuDNN's default TF32 is ~1e-3 off)."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield torch.device(request.param)
+    torch.backends.cudnn.allow_tf32 = before
+
 
 @pytest.fixture
 def h() -> type[Helpers]:

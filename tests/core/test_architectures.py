@@ -60,17 +60,18 @@ def _model() -> nn.Module:
     return model.eval()
 
 
-def test_mixed_architecture_is_rounded_in_call_order_onto_the_grid():
-    float_model = _model()
-    batches = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+def test_mixed_architecture_is_rounded_in_call_order_onto_the_grid(device):
+    float_model = _model().to(device)
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(3)]  # on the CPU: moved once
     model = q.prepare_qat_fx(float_model, q.QConfig(weight_bits=4))
     q.set_fake_quantize(model, q.FakeQuantState.CALIBRATION)
+    first = batches[0].to(device)
     with torch.no_grad():
         for b in batches:
-            model(b)
-        with_fq_off = q.set_fake_quantize(model, q.FakeQuantState.FLOAT)(batches[0])
+            model(b.to(device))
+        with_fq_off = q.set_fake_quantize(model, q.FakeQuantState.FLOAT)(first)
     # BatchNorm folding (on the first forward) kept the float function exactly
-    torch.testing.assert_close(with_fq_off, float_model(batches[0]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(with_fq_off, float_model(first), rtol=1e-4, atol=1e-5)
     q.set_fake_quantize(model, q.FakeQuantState.CALIBRATION)
     report = q.weight_reconstruction(model, batches, None, {"num_steps": 30, "progress": False})
 
@@ -83,3 +84,4 @@ def test_mixed_architecture_is_rounded_in_call_order_onto_the_grid():
         on_grid = fake_quantize(layer.weight, fq.scale, fq.zero_point, fq.qmin, fq.qmax,
                                 layer.weight_axis)
         assert torch.equal(on_grid, layer.weight), name
+        assert layer.weight.device.type == device.type, name

@@ -112,16 +112,17 @@ LAYERS = {
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_weight_vjp_matches_autograd(kind):
+def test_weight_vjp_matches_autograd(kind, device):
     make, shape = LAYERS[kind]
     layer = prepare_qat_fx(torch.nn.Sequential(make()), QConfig(activation_bits=None))[0]
+    layer.to(device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g)
-    weight = torch.randn(layer.weight.shape, generator=g)
+    x = torch.randn(shape, generator=g).to(device)
+    weight = torch.randn(layer.weight.shape, generator=g).to(device)
     output, backward = layer.weight_vjp(x, weight)
     leaf = weight.clone().requires_grad_(True)
     expected = layer.forward_with_weight(x, leaf)
-    grad_output = torch.randn(expected.shape, generator=g)
+    grad_output = torch.randn(expected.shape, generator=g).to(device)
     (expected_grad,) = torch.autograd.grad(expected, leaf, grad_output)
     assert not output.requires_grad
     assert torch.allclose(output, expected.detach(), rtol=1e-5, atol=1e-6)
@@ -129,16 +130,16 @@ def test_weight_vjp_matches_autograd(kind):
     assert layer.bias is None or layer.bias.grad is None  # the bias is never differentiated
 
 
-def test_fused_adam_is_torch_adam_step_for_step():
+def test_fused_adam_is_torch_adam_step_for_step(device):
     g = torch.Generator().manual_seed(0)
-    ours = torch.randn(300, generator=g)
+    ours = torch.randn(300, generator=g).to(device)
     theirs = ours.clone().requires_grad_(True)
     adam = FusedAdam(ours, lr=0.01)
     reference = torch.optim.Adam([theirs], lr=0.01, fused=True)
     plain = ours.clone().requires_grad_(True)
     plain_adam = torch.optim.Adam([plain], lr=0.01)
     for _ in range(25):
-        grad = torch.randn(300, generator=g)
+        grad = torch.randn(300, generator=g).to(device)
         adam.step(grad.clone())
         theirs.grad = grad.clone()
         reference.step()
@@ -199,10 +200,12 @@ def _capture_and_cache(model, float_model, name, batches, directory):
 
 
 @pytest.mark.parametrize("two_shapes", [False, True])
-def test_memory_and_disk_paths_give_bit_identical_weights(h, tmp_path, two_shapes):
+def test_memory_and_disk_paths_give_bit_identical_weights(h, tmp_path, two_shapes, device):
     _, model, batches = h.calibrated_cnn(num_batches=5, batch=6)
     if two_shapes:  # a second input resolution: two sample groups, drawn by multinomial
         batches = batches + h.make_batches(3, (6, 3, 8, 8), seed=9)
+    model.to(device)
+    batches = [b.to(device) for b in batches]
     cfg = AdaRoundConfig.from_dict({"num_steps": 40, "progress": False, "seed": 5})
     memory_model, disk_model = model, copy.deepcopy(model)
     float_model = float_reference(model)
@@ -222,7 +225,7 @@ def test_memory_and_disk_paths_give_bit_identical_weights(h, tmp_path, two_shape
                 inputs, targets, cfg.holdout_fraction, gen), cfg, gen)
             gen = layer_generator(cfg.seed, name)
             disk = reconstruct_layer(name, disk_layer, LayerSamples.from_cache(
-                tmp_path / name, cfg.holdout_fraction, gen), cfg, gen)
+                tmp_path / name, cfg.holdout_fraction, gen, device), cfg, gen)
             assert torch.equal(mem_layer.weight, disk_layer.weight), name
             assert (mem.nearest_mse, mem.adaround_mse, mem.decision) == \
                 (disk.nearest_mse, disk.adaround_mse, disk.decision), name

@@ -12,7 +12,7 @@ from flows.pipeline import pipeline_flow
 from flows.stages import adaround_flow, train_flow
 from tasks.layout import Layout
 from tasks.params import PipelineParams, load_params, parse_params
-from tasks.preflight import PreflightError, check_callables
+from tasks.preflight import PreflightError, callables_needed_from, check_callables, preflight
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -71,6 +71,16 @@ def test_flows_check_the_callables_before_any_work(tmp_path, monkeypatch):
             flow.fn(params)  # the flow body, without a Prefect run
     layout = Layout(params)
     assert not layout.dataset.exists() and not layout.float_checkpoint.exists()
+
+
+def test_a_stage_checks_only_the_callables_it_or_a_later_stage_calls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, {"data": {"source": "no_such_module:digits"}})
+    params = load_params(tmp_path / "params.yaml")
+    with pytest.raises(PreflightError, match="data.source"):
+        preflight(params, "data")
+    preflight(params, "adaround")  # the data source is not called again: not imported
+    assert callables_needed_from("adaround") == ["model.factory", "eval.metric"]
 
 
 @pytest.mark.parametrize(("args", "overrides", "message"), [
