@@ -73,6 +73,23 @@ def test_a_stage_without_a_server_uses_a_temporary_one_and_leaves_none(tmp_path,
     assert ("COMPLETED",) in states and logs > 0
 
 
+def test_two_commands_at_once_on_a_fresh_prefect_home_both_succeed(tmp_path):
+    """Both servers migrate the same new database; one may fail its start-up and is
+    restarted on another port (seen: alembic 'expected to match one row')."""
+    env = subprocess_env(PREFECT_HOME=str(tmp_path / "fresh-home"))
+    env.pop("PREFECT_API_URL", None)
+    procs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_params(tmp_path / name)
+        procs.append(subprocess.Popen([sys.executable, "-m", "flows", "data"], cwd=tmp_path / name,
+                                      env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [out[-2000:] for out in outputs]
+    assert all((tmp_path / name / "data" / "dataset.safetensors").exists() for name in "ab")
+
+
 def test_the_server_exits_when_its_command_is_killed(prefect_home):
     script = ("import time\n"
               "from flows.api_server import start_temporary_api_server\n"
