@@ -55,6 +55,7 @@ def train_flow(params: PipelineParams) -> Artifact:
 def calibrate_flow(params: PipelineParams) -> Artifact:
     """Baseline calibration (nearest rounding)."""
     layout = Layout(params)
+    preflight(params, "calibrate")
     with output_lock(params):
         return calibrate(params, existing(layout.dataset, "data"),
                          existing(layout.float_checkpoint, "train"),
@@ -101,6 +102,7 @@ def adaround_flow(params: PipelineParams) -> Artifact:
 def evaluate_flow(params: PipelineParams) -> dict[str, float]:
     """Score float / baseline / AdaRound, write the metrics file, record the run in MLflow."""
     layout = Layout(params)
+    preflight(params, "evaluate")
     with output_lock(params):
         scores = evaluate_models(params, existing(layout.dataset, "data"),
                                  existing(layout.float_checkpoint, "train"),

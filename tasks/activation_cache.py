@@ -7,7 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -18,6 +17,7 @@ from adaround_core.sample_store import CorruptCacheError, read_manifest, write_l
 from adaround_core.threads import choose_threads, intra_op_threads
 from tasks.artifacts import Artifact
 from tasks.layer_jobs import LayerJob
+from tasks.model_state import compute_device
 from tasks.run_logging import run_logger
 
 _DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
@@ -74,7 +74,7 @@ def _write_cache(job: LayerJob, directory: Path) -> int:
         tmp.mkdir(parents=True)
         _remove_dead_temporaries(directory)
         model, reference = job.build_models()
-        threads = choose_threads(job.params.adaround.num_threads, torch.device("cpu"))
+        threads = choose_threads(job.params.adaround.num_threads, compute_device(job.params))
         with intra_op_threads(threads), fake_quant_state(model, FakeQuantState.VALIDATION):
             # the library's thread setting: cached activations match its in-memory ones
             rows = write_layer_cache(tmp, iter_layer_io(model, reference, job.name, job.calls,

@@ -7,7 +7,12 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import Artifact
 from tasks.io import import_object, load_tensors
-from tasks.model_state import calibration_batches, load_calibrated_model, load_float_model
+from tasks.model_state import (
+    calibration_batches,
+    compute_device,
+    load_calibrated_model,
+    load_float_model,
+)
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
@@ -19,7 +24,8 @@ def evaluate_models(params: PipelineParams, dataset: Artifact, float_model: Arti
     data = load_tensors(dataset.file)
     metric = import_object(params.eval.metric)
     example = calibration_batches(params, data)[0]
-    x, y = data["test_x"], data["test_y"]
+    device = compute_device(params)
+    x, y = data["test_x"].to(device), data["test_y"].to(device)
     scores = {
         "float": metric(load_float_model(params, float_model.file), x, y,
                         batch_size=params.eval.batch_size),

@@ -6,7 +6,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors import safe_open
@@ -61,10 +60,12 @@ def _round(job: LayerJob, cache: Artifact) -> dict:
     model, _ = job.build_models()
     layer = quant_layers(model)[job.name]
     generator = layer_generator(cfg.seed, job.name)
-    with intra_op_threads(choose_threads(cfg.num_threads, torch.device("cpu"))), \
+    device = layer.weight.device
+    with intra_op_threads(choose_threads(cfg.num_threads, device)), \
             fake_quant_state(model, FakeQuantState.VALIDATION):
         layer.freeze_weight_qparams()
-        samples = LayerSamples.from_cache(Path(cache.path), cfg.holdout_fraction, generator)
+        samples = LayerSamples.from_cache(Path(cache.path), cfg.holdout_fraction, generator,
+                                          device)
         report = reconstruct_layer(job.name, layer, samples, cfg, generator)
     return {"weight": layer.weight.detach(), "report": asdict(report)}
 

@@ -21,7 +21,12 @@ from torch import nn
 from adaround_core.model_modes import float_reference
 from tasks.artifacts import Artifact, LayerResult
 from tasks.io import load_tensors
-from tasks.model_state import apply_rounded_weight, calibration_batches, load_calibrated_model
+from tasks.model_state import (
+    apply_rounded_weight,
+    calibration_batches,
+    compute_device,
+    load_calibrated_model,
+)
 from tasks.params import PipelineParams
 from tasks.versioning import code_version
 
@@ -46,7 +51,8 @@ class LayerJob:
     def _digest(self, *extra: object) -> str:
         payload = [self.dataset.digest, self.calibrated.digest, code_version(), self.name,
                    self.calls, [r.digest for r in self.previous],
-                   self.params.digest("quant", "calibration"), *extra]
+                   self.params.digest("quant", "calibration"),
+                   compute_device(self.params).type, *extra]  # the GPU's sums differ
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -90,7 +96,7 @@ def _calibrated_model(job: LayerJob) -> nn.Module:
     forward pass) costs more than copying, and every layer's two tasks need it: it is built
     once per process and checkpoint (keyed by digests, never mutated) and copied."""
     key = (job.dataset.digest, job.float_model.digest, job.calibrated.digest,
-           job.params.digest("model", "quant", "calibration"))
+           job.params.digest("model", "quant", "calibration"), job.params.runtime.device)
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:

@@ -14,6 +14,22 @@ from tasks.io import import_object, load_tensors
 from tasks.params import PipelineParams
 
 
+def compute_device(params: PipelineParams) -> torch.device:
+    """The device of ``runtime.device`` (``auto``: CUDA when present, else the CPU)."""
+    name = params.runtime.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"params.yaml: runtime.device: {name!r} but this torch sees no "
+                             f"CUDA device; use cpu or auto")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"params.yaml: runtime.device: {name!r} but only "
+                             f"{torch.cuda.device_count()} CUDA device(s) are present")
+    return device
+
+
 def build_float_model(params: PipelineParams) -> nn.Module:
     """A fresh float model from ``model.factory`` (random weights)."""
     factory = import_object(params.model.factory)
@@ -25,15 +41,16 @@ def build_float_model(params: PipelineParams) -> nn.Module:
 
 
 def load_float_model(params: PipelineParams, checkpoint: Path) -> nn.Module:
-    """The float model with the weights of ``checkpoint``, in eval mode."""
+    """The float model with the weights of ``checkpoint``, in eval mode, on the compute
+    device."""
     model = build_float_model(params)
     model.load_state_dict(load_tensors(checkpoint))
-    return model.eval()
+    return model.to(compute_device(params)).eval()
 
 
 def calibration_batches(params: PipelineParams, dataset: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The calibration inputs, split into batches."""
-    calib = dataset["calib_x"][: params.calibration.num_samples]
+    """The calibration inputs, split into batches, on the compute device."""
+    calib = dataset["calib_x"][: params.calibration.num_samples].to(compute_device(params))
     return list(calib.split(params.calibration.batch_size))
 
 

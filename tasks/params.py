@@ -10,11 +10,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adaround_core.qconfig import QConfig
 from adaround_core.reconstruction_config import AdaRoundConfig
@@ -80,6 +81,14 @@ class RuntimeParams(_Section):
     results_dir: str = "results"
     cache_dir: str = "cache"
     lock_timeout: float = Field(60.0, ge=0)  # seconds to wait for another run on these dirs
+    device: str = "cpu"  # calibration, activation caching, AdaRound, evaluation: cpu | cuda[:N] | auto
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", value):
+            raise ValueError("must be cpu, cuda, cuda:N or auto (cuda when one is present)")
+        return value
 
 
 class PipelineParams(_Section):

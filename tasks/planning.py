@@ -28,5 +28,6 @@ def plan_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact
         order, calls = first_call_order(model, layers, batches[0])
     names = select_layers(order, params.adaround.exclude_prefix)
     check_calibrated(layers, names)
-    run_logger(__name__).info("rounding %d layers: %s", len(names), names)
+    run_logger(__name__).info("rounding %d layers on %s: %s", len(names),
+                              batches[0].device, names)
     return LayerPlan(names, {n: calls[n] for n in names})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tasks.io import import_object
+from tasks.model_state import compute_device
 from tasks.params import PipelineParams
 
 
@@ -39,9 +40,13 @@ def check_callables(params: PipelineParams, keys: list[str] | None = None) -> No
 
 
 def preflight(params: PipelineParams, stage: str = "data") -> None:
-    """The callables that ``stage`` and the stages after it call import and, when tracking
-    is on, the MLflow store answers."""
+    """The callables that ``stage`` and the stages after it call import, ``runtime.device``
+    exists and, when tracking is on, the MLflow store answers."""
     check_callables(params, callables_needed_from(stage))
+    try:
+        compute_device(params)
+    except ValueError as err:
+        raise PreflightError(str(err)) from None
     if params.tracking.enabled:
         from tasks.tracking import check_tracking_store  # imported late: mlflow takes ~1 s
 
