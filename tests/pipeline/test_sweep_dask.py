@@ -6,18 +6,22 @@ import json
 
 import pytest
 import torch
+from conftest import REPO
 
 from flows.sweep import split_overrides, variant_name
 from tasks.io import load_tensors
 
 
 @pytest.fixture
-def dask_cluster():
-    """A Dask cluster on loopback (worker threads in this process), reachable over TCP."""
+def dask_cluster(prefect_server):
+    """A Dask cluster on loopback with two worker processes, as a real scale-out has: tasks
+    reach them pickled over TCP, and they talk to the Prefect server themselves."""
     from distributed import LocalCluster
 
-    cluster = LocalCluster(processes=False, protocol="tcp", host="127.0.0.1", n_workers=2,
-                           threads_per_worker=1, dashboard_address=None)
+    cluster = LocalCluster(processes=True, protocol="tcp", host="127.0.0.1", n_workers=2,
+                           threads_per_worker=1, dashboard_address=None,
+                           env={"PREFECT_API_URL": prefect_server, "PYTHONPATH": str(REPO),
+                                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     try:
         yield cluster
     finally:
