@@ -71,7 +71,7 @@ class CalibrationBatches:
     def __init__(self, batches: Iterable, process: Callable | None, device: torch.device,
                  num_batches: int) -> None:
         self._process = process or (lambda b: b)
-        self._device = indexed_device(device)
+        self._device = device
         self._num_batches = num_batches
         self._expected: int | None = None
         if isinstance(batches, (list, tuple)):

@@ -24,7 +24,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -85,9 +84,9 @@ def base_env(api_url: str | None, home: Path) -> dict:
 @contextlib.contextmanager
 def prefect_server(home: Path) -> Iterator[str]:
     """A ``prefect server start`` on loopback, for the runs with a running server."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from flows.api_server import free_port
+
+    port = free_port()
     env = {**base_env(None, home), "PREFECT_SERVER_UI_ENABLED": "false"}
     log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([str(Path(PY).parent / "prefect"), "server", "start", "--host",
