@@ -27,7 +27,7 @@ from adaround_core import quantization as q
 from adaround_core.demo.digits import DigitsSplits, load_digits_splits
 from adaround_core.demo.models import DigitsCNN
 from adaround_core.demo.training import top1, train_classifier
-from adaround_core.report import ReconstructionReport
+from adaround_core.reconstruction.report import ReconstructionReport
 
 OBSERVERS = ("minmax", "mse")
 ACTIVATION_BITS = 8

@@ -157,18 +157,19 @@ def library_main(project: Path, dump: Path) -> None:
     checkpoint with its config; save the resulting state_dict; print JSON."""
     import torch
 
-    from adaround_core.weight_reconstruction import weight_reconstruction
-    from tasks.io import load_tensors, save_tensors
-    from tasks.layout import Layout
-    from tasks.model_state import calibration_batches, load_calibrated_model
+    from adaround_core.reconstruction.weight_reconstruction import weight_reconstruction
+    from tasks.io import save_tensors
+    from tasks.layout import Layout, existing
+    from tasks.model_state import calibrated_model, calibration_inputs
     from tasks.params import load_params
 
     os.chdir(project)
     params = load_params("params.yaml")
     layout = Layout(params)
-    batches = calibration_batches(params, load_tensors(layout.dataset))
-    model = load_calibrated_model(params, layout.float_checkpoint, layout.calibrated_checkpoint,
-                                  batches[0])
+    dataset = existing(layout.dataset, "data")
+    batches = calibration_inputs(params, dataset)
+    model = calibrated_model(params, dataset, existing(layout.float_checkpoint, "train"),
+                             existing(layout.calibrated_checkpoint, "calibrate"))
     start = time.perf_counter()
     report = weight_reconstruction(model, batches, None, params.adaround.model_dump())
     seconds = time.perf_counter() - start

@@ -23,12 +23,12 @@ from unittest import mock
 
 import torch
 
-from adaround_core import layer_reconstruction
 from adaround_core import quantization as q
-from adaround_core.adaround_math import beta_at
-from adaround_core.layer_reconstruction import optimise_rounding
-from adaround_core.reconstruction_config import AdaRoundConfig
-from adaround_core.soft_rounding import FusedAdam, SoftRounding
+from adaround_core.reconstruction import layer_reconstruction
+from adaround_core.reconstruction.adaround_math import beta_at
+from adaround_core.reconstruction.layer_reconstruction import optimise_rounding
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
+from adaround_core.reconstruction.soft_rounding import FusedAdam, SoftRounding
 from bench.digits_setup import CALIB_BATCH, LayerCase, calibrated, float_model, layer_cases, machine
 from bench.speed_baseline import optimise_rounding_autograd
 

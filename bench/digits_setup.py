@@ -12,15 +12,15 @@ from pathlib import Path
 import torch
 
 from adaround_core import quantization as q
+from adaround_core.calibration.layer_capture import capture_layer_io, first_call_order
+from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.demo.digits import DigitsSplits, load_digits_splits
 from adaround_core.demo.models import DigitsCNN
 from adaround_core.demo.training import train_classifier
-from adaround_core.fake_quantize import FakeQuantState
-from adaround_core.layer_capture import capture_layer_io, first_call_order
-from adaround_core.layer_reconstruction import layer_generator
-from adaround_core.layer_samples import LayerSamples
-from adaround_core.model_modes import eval_mode, fake_quant_state, float_reference
-from adaround_core.quant_layers import QuantLayerMixin, quant_layers
+from adaround_core.quant.fake_quantize import FakeQuantState
+from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
+from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
+from adaround_core.reconstruction.layer_reconstruction import layer_generator
 
 CALIB_BATCH = 32
 

@@ -26,9 +26,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from adaround_core.layer_reconstruction import _reconstruction_grad, optimise_rounding
-from adaround_core.reconstruction_config import AdaRoundConfig
-from adaround_core.soft_rounding import SoftRounding
+from adaround_core.reconstruction.layer_reconstruction import (
+    _reconstruction_grad,
+    optimise_rounding,
+)
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
+from adaround_core.reconstruction.soft_rounding import SoftRounding
 from bench.digits_setup import CALIB_BATCH, LayerCase, calibrated, float_model, layer_cases, machine
 
 MM_SIZES = (256, 384, 512, 768, 1024)

@@ -1,5 +1,5 @@
 """The per-layer optimisation loop as it was before the speed work (autograd through
-:mod:`adaround_core.adaround_math`, ``torch.optim.Adam``), kept verbatim so that
+:mod:`adaround_core.reconstruction.adaround_math`, ``torch.optim.Adam``), kept verbatim so that
 ``bench/bench_speed.py`` can time old and new in the same run. Not used by the product.
 """
 
@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 import torch
 
-from adaround_core.adaround_math import (
+from adaround_core.calibration.layer_samples import LayerSamples
+from adaround_core.quant.quant_layers import QuantLayerMixin
+from adaround_core.reconstruction.adaround_math import (
     beta_at,
     hard_quantized_weight,
     init_rounding_variable,
@@ -19,9 +21,7 @@ from adaround_core.adaround_math import (
     soft_quantized_weight,
     split_on_grid,
 )
-from adaround_core.layer_samples import LayerSamples
-from adaround_core.quant_layers import QuantLayerMixin
-from adaround_core.reconstruction_config import AdaRoundConfig
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 
 
 def optimise_rounding_autograd(layer: QuantLayerMixin, samples: LayerSamples,

@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-import yaml
+from flows.environment import apply_process_defaults
 
 STAGE_NAMES = ["data", "train", "calibrate", "adaround", "evaluate", "run"]
 REPORT_COMMANDS = ["show", "compare"]  # metrics of the last run / last MLflow runs; no compute
@@ -35,20 +35,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="nightly", help="serve: deployment name")
     p.add_argument("--last", type=int, default=5, help="compare: how many runs (default: 5)")
     return p
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a params mapping."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form section.key=value")
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return raw
 
 
 def configure_logging() -> None:
@@ -86,12 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_args_params(args: argparse.Namespace):
     """The params file with the ``-S`` overrides applied, validated."""
-    from tasks.params import load_params, parse_params  # imports torch: after the server
+    from tasks.params import load_params  # imports torch: after the server has started
 
-    params = load_params(args.params)
-    if args.set:
-        params = parse_params(apply_overrides(params.model_dump(mode="json"), args.set))
-    return params
+    return load_params(args.params, args.set)
 
 
 def _no_flow_run(args: argparse.Namespace, params) -> int:
@@ -118,11 +101,12 @@ EXIT_BUSY = 75  # another run holds the outputs (EX_TEMPFAIL): rerun when it has
 def cli(argv: list[str] | None = None) -> int:
     """``main``, with errors a user acts on as one line: exit 2 (fix the input) or 75 (the
     outputs are busy: try again later)."""
+    apply_process_defaults()
     try:
         return main(argv)
     except Exception as err:
         from flows.runtime import OutputsBusyError  # imported late: they import torch
-        from tasks.preflight import PreflightError
+        from tasks.params import PreflightError
 
         if isinstance(err, OutputsBusyError):
             code = EXIT_BUSY

@@ -19,8 +19,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.runtime import anchored, make_task_runner
-from tasks.params import load_params, parse_params
-from tasks.preflight import PreflightError
+from tasks.params import PreflightError, load_params
 
 DEPLOYMENT_FLOW = "adaround-nightly"
 
@@ -28,13 +27,8 @@ DEPLOYMENT_FLOW = "adaround-nightly"
 def scheduled_params(params_file: str, overrides: list[str] | None = None):
     """The params of a scheduled run: the file as it is now, the overrides, and relative
     runtime dirs anchored at the file's directory (a run's working dir is not ours)."""
-    from flows.__main__ import apply_overrides  # the CLI's -S syntax, one implementation
-
     path = Path(params_file)
-    params = load_params(path)
-    if overrides:
-        params = parse_params(apply_overrides(params.model_dump(mode="json"), overrides))
-    return anchored(params, path.resolve().parent)
+    return anchored(load_params(path, overrides or ()), path.resolve().parent)
 
 
 @flow(name=DEPLOYMENT_FLOW)

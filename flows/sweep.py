@@ -8,7 +8,7 @@ Each gets its own runtime dirs under ``<results_dir>/sweep/<variant>/`` (data,
 checkpoints, results, cache), so variants never share a file or a lock. With
 ``runtime.task_runner: dask`` and ``runtime.dask_address`` the variants run at once on
 the workers of that existing Dask cluster; give the workers ``PREFECT_API_URL`` (else
-each starts its own temporary Prefect server, DESIGN.md §6).
+each starts its own temporary Prefect server).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import anchored, make_task_runner
 from tasks.io import write_json
-from tasks.params import PipelineParams, parse_params
+from tasks.params import PipelineParams, apply_overrides, parse_params
 from tasks.run_logging import run_logger
 
 # A comma starts a new override only where ``section.key=`` follows, so list values
@@ -59,8 +59,6 @@ def variant_name(overrides: tuple[str, ...]) -> str:
 def make_variants(base: PipelineParams, specs: list[str], root: Path) -> list[Variant]:
     """Validated variants, with runtime dirs under ``root/<name>`` and the thread runner
     inside each variant (the sweep itself is what is spread over the cluster)."""
-    from flows.__main__ import apply_overrides  # the CLI's -S syntax, one implementation
-
     if not specs:
         raise ValueError("a sweep needs at least one variant (-V section.key=value)")
     variants: list[Variant] = []

@@ -10,14 +10,16 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adaround_core.fake_quantize import FakeQuantState
-from adaround_core.layer_capture import iter_layer_io
-from adaround_core.model_modes import fake_quant_state
-from adaround_core.sample_store import CorruptCacheError, read_manifest, write_layer_cache
-from adaround_core.threads import choose_threads, intra_op_threads
+from adaround_core.calibration.layer_capture import iter_layer_io
+from adaround_core.calibration.sample_store import (
+    CorruptCacheError,
+    read_manifest,
+    write_layer_cache,
+)
+from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact
 from tasks.layer_jobs import LayerJob
-from tasks.model_state import compute_device
+from tasks.model_state import calibration_inputs, layer_models
 from tasks.run_logging import run_logger
 
 _DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
@@ -73,12 +75,12 @@ def _write_cache(job: LayerJob, directory: Path) -> int:
     try:
         tmp.mkdir(parents=True)
         _remove_dead_temporaries(directory)
-        model, reference = job.build_models()
-        threads = choose_threads(job.params.adaround.num_threads, compute_device(job.params))
-        with intra_op_threads(threads), fake_quant_state(model, FakeQuantState.VALIDATION):
-            # the library's thread setting: cached activations match its in-memory ones
+        model, reference = layer_models(job.params, job.dataset, job.float_model,
+                                        job.calibrated, job.previous)
+        with rounding_mode(model, job.params.adaround.num_threads):
             rows = write_layer_cache(tmp, iter_layer_io(model, reference, job.name, job.calls,
-                                                        job.batches()))
+                                                        calibration_inputs(job.params,
+                                                                           job.dataset)))
         _publish(tmp, directory)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)

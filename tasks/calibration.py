@@ -8,8 +8,8 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from adaround_core.fake_quantize import FakeQuantState, set_fake_quantize
-from adaround_core.prepare import prepare_qat_fx
+from adaround_core.quant.fake_quantize import FakeQuantState, set_fake_quantize
+from adaround_core.quant.prepare import prepare_qat_fx
 from tasks.artifacts import Artifact
 from tasks.io import load_tensors, save_tensors
 from tasks.model_state import calibration_batches, load_float_model
@@ -22,7 +22,7 @@ def calibrate(params: PipelineParams, dataset: Artifact, float_model: Artifact,
               out: str) -> Artifact:
     """Prepare, calibrate and save the fake-quant model (nearest rounding) to ``out``."""
     batches = calibration_batches(params, load_tensors(dataset.file))
-    model = prepare_qat_fx(load_float_model(params, float_model.file), params.quant.qconfig(),
+    model = prepare_qat_fx(load_float_model(params, float_model.file), params.quant,
                            example_inputs=batches[0]).eval()
     set_fake_quantize(model, FakeQuantState.CALIBRATION)
     with torch.no_grad():

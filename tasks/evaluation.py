@@ -7,12 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import Artifact
 from tasks.io import import_object, load_tensors
-from tasks.model_state import (
-    calibration_batches,
-    compute_device,
-    load_calibrated_model,
-    load_float_model,
-)
+from tasks.model_state import calibrated_model, compute_device, load_float_model
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
@@ -23,16 +18,12 @@ def evaluate_models(params: PipelineParams, dataset: Artifact, float_model: Arti
     """``eval.metric`` of each model on the test split, and the AdaRound - baseline delta."""
     data = load_tensors(dataset.file)
     metric = import_object(params.eval.metric)
-    example = calibration_batches(params, data)[0]
     device = compute_device(params)
     x, y = data["test_x"].to(device), data["test_y"].to(device)
-    scores = {
-        "float": metric(load_float_model(params, float_model.file), x, y,
-                        batch_size=params.eval.batch_size),
-        "baseline": metric(load_calibrated_model(params, float_model.file, calibrated.file,
-                                                 example), x, y, batch_size=params.eval.batch_size),
-        "adaround": metric(load_calibrated_model(params, float_model.file, rounded.file,
-                                                 example), x, y, batch_size=params.eval.batch_size),
-    }
+    models = {"float": load_float_model(params, float_model.file),
+              "baseline": calibrated_model(params, dataset, float_model, calibrated),
+              "adaround": calibrated_model(params, dataset, float_model, rounded)}
+    scores = {role: metric(model, x, y, batch_size=params.eval.batch_size)
+              for role, model in models.items()}
     run_logger(__name__).info("top-1: %s", scores)
     return scores

@@ -10,16 +10,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors import safe_open
 
-from adaround_core.fake_quantize import FakeQuantState
-from adaround_core.layer_reconstruction import layer_generator, reconstruct_layer
-from adaround_core.layer_samples import LayerSamples
-from adaround_core.model_modes import fake_quant_state
-from adaround_core.quant_layers import quant_layers
-from adaround_core.threads import choose_threads, intra_op_threads
+from adaround_core.calibration.layer_samples import LayerSamples
+from adaround_core.quant.quant_layers import quant_layers
+from adaround_core.reconstruction.layer_reconstruction import layer_generator, reconstruct_layer
+from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact, LayerResult
-from tasks.io import load_tensors, save_tensors, tensor_digest
+from tasks.io import save_tensors, tensor_digest
 from tasks.layer_jobs import LayerJob
-from tasks.model_state import apply_rounded_weight, calibration_batches, load_calibrated_model
+from tasks.model_state import calibrated_model
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
@@ -57,15 +55,14 @@ def remove_partial_results(params: PipelineParams) -> int:
 
 def _round(job: LayerJob, cache: Artifact) -> dict:
     cfg = job.params.adaround
-    model, _ = job.build_models()
+    model = calibrated_model(job.params, job.dataset, job.float_model, job.calibrated,
+                             job.previous)
     layer = quant_layers(model)[job.name]
     generator = layer_generator(cfg.seed, job.name)
-    device = layer.weight.device
-    with intra_op_threads(choose_threads(cfg.num_threads, device)), \
-            fake_quant_state(model, FakeQuantState.VALIDATION):
+    with rounding_mode(model, cfg.num_threads):
         layer.freeze_weight_qparams()
         samples = LayerSamples.from_cache(Path(cache.path), cfg.holdout_fraction, generator,
-                                          device)
+                                          layer.weight.device)
         report = reconstruct_layer(job.name, layer, samples, cfg, generator)
     return {"weight": layer.weight.detach(), "report": asdict(report)}
 
@@ -91,9 +88,6 @@ def adaround_layer(job: LayerJob, cache: Artifact) -> LayerResult:
 def assemble_checkpoint(params: PipelineParams, dataset: Artifact, float_model: Artifact,
                         calibrated: Artifact, results: list[LayerResult], out: str) -> Artifact:
     """The calibrated model with every rounded layer written in, saved to ``out``."""
-    batches = calibration_batches(params, load_tensors(dataset.file))
-    model = load_calibrated_model(params, float_model.file, calibrated.file, batches[0])
-    for result in results:
-        apply_rounded_weight(model, result.name, load_tensors(Path(result.path))["weight"])
+    model = calibrated_model(params, dataset, float_model, calibrated, results)
     digest = save_tensors(Path(out), model.state_dict())
     return Artifact(out, digest)

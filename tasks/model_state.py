@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from adaround_core.fake_quantize import FakeQuantState, set_fake_quantize
-from adaround_core.prepare import prepare_qat_fx
-from adaround_core.quant_layers import quant_layers
+from adaround_core.quant.fake_quantize import FakeQuantState, set_fake_quantize
+from adaround_core.quant.model_modes import float_reference
+from adaround_core.quant.prepare import prepare_qat_fx
+from adaround_core.quant.quant_layers import quant_layers
+from tasks.artifacts import Artifact, LayerResult
 from tasks.io import import_object, load_tensors
 from tasks.params import PipelineParams
 
@@ -54,14 +60,58 @@ def calibration_batches(params: PipelineParams, dataset: dict[str, torch.Tensor]
     return list(calib.split(params.calibration.batch_size))
 
 
-def load_calibrated_model(params: PipelineParams, float_checkpoint: Path,
-                          calibrated_checkpoint: Path, example: torch.Tensor) -> nn.Module:
-    """The prepared model with calibrated qparams, in the VALIDATION state and eval mode."""
-    model = prepare_qat_fx(load_float_model(params, float_checkpoint), params.quant.qconfig(),
-                           example_inputs=example)
-    model.load_state_dict(load_tensors(calibrated_checkpoint))
-    set_fake_quantize(model, FakeQuantState.VALIDATION)
-    return model.eval()
+def calibration_inputs(params: PipelineParams, dataset: Artifact) -> list[torch.Tensor]:
+    """:func:`calibration_batches` of the dataset file."""
+    return calibration_batches(params, load_tensors(dataset.file))
+
+
+_PREPARED: OrderedDict[tuple, nn.Module] = OrderedDict()  # prepared models of this process
+_PREPARED_LOCK = threading.Lock()
+_PREPARED_KEPT = 2
+
+
+def _prepared_model(params: PipelineParams, dataset: Artifact, float_model: Artifact,
+                    checkpoint: Artifact) -> nn.Module:
+    """A fresh copy of the prepared model with ``checkpoint``'s state. Preparing (BatchNorm
+    folding runs a forward pass) costs more than copying and every layer's two tasks need
+    it, so it is built once per process and inputs (keyed by digests, never mutated)."""
+    key = (dataset.digest, float_model.digest, checkpoint.digest,
+           params.digest("model", "quant", "calibration"), params.runtime.device)
+    with _PREPARED_LOCK:
+        model = _PREPARED.get(key)
+        if model is None:
+            model = prepare_qat_fx(load_float_model(params, float_model.file), params.quant,
+                                   example_inputs=calibration_inputs(params, dataset)[0])
+            model.load_state_dict(load_tensors(checkpoint.file))
+            set_fake_quantize(model, FakeQuantState.VALIDATION)
+            _PREPARED[key] = model.eval()
+            while len(_PREPARED) > _PREPARED_KEPT:
+                _PREPARED.popitem(last=False)
+        _PREPARED.move_to_end(key)
+        return copy.deepcopy(model)
+
+
+def calibrated_model(params: PipelineParams, dataset: Artifact, float_model: Artifact,
+                     checkpoint: Artifact, rounded: Sequence[LayerResult] = ()) -> nn.Module:
+    """The one way every task rebuilds a quantized model: the prepared model of ``params``
+    with the qparams and weights of ``checkpoint`` (calibrated or rounded), the ``rounded``
+    layer results written in, in VALIDATION state and eval mode, on the compute device."""
+    model = _prepared_model(params, dataset, float_model, checkpoint)
+    for result in rounded:
+        apply_rounded_weight(model, result.name, load_tensors(Path(result.path))["weight"])
+    return model
+
+
+def layer_models(params: PipelineParams, dataset: Artifact, float_model: Artifact,
+                 calibrated: Artifact, previous: Sequence[LayerResult],
+                 ) -> tuple[nn.Module, nn.Module]:
+    """A layer's two models: the quantized model with the earlier layers rounded, and the
+    float reference (taken before any rounding)."""
+    model = calibrated_model(params, dataset, float_model, calibrated)
+    reference = float_reference(model)
+    for result in previous:
+        apply_rounded_weight(model, result.name, load_tensors(Path(result.path))["weight"])
+    return model, reference
 
 
 @torch.no_grad()

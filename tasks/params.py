@@ -1,8 +1,11 @@
 """``params.yaml`` -> one typed, validated, frozen :class:`PipelineParams`.
 
-This is the only place the pipeline's configuration is parsed. An unknown key or
-a wrong type is an error naming the key (``adaround.num_step: unknown key; did
-you mean 'num_steps'?``).
+The one owner of the pipeline's configuration: loading the file, applying ``-S
+section.key=value`` overrides, validation, and :class:`PreflightError`, the error of a
+failed check. An unknown key or a wrong type is an error naming the key
+(``adaround.num_step: unknown key; did you mean 'num_steps'?``). The engine's own
+settings (``QConfig``, ``AdaRoundConfig``) are embedded whole as the ``quant`` and
+``adaround`` sections.
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adaround_core.qconfig import QConfig
-from adaround_core.reconstruction_config import AdaRoundConfig
+from adaround_core.quant.qconfig import QConfig
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
+DEMO_TRAIN_KWARGS = {"epochs": 30, "batch_size": 64, "lr": 3e-3}
+
+
+class PreflightError(RuntimeError):
+    """The configuration cannot work; the message names the setting and how to fix it."""
 
 
 class _Section(BaseModel):
@@ -39,20 +47,9 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    epochs: int = Field(30, ge=0)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)
-
-
-class QuantParams(_Section):
-    weight_bits: int = Field(4, ge=2, le=8)
-    activation_bits: int | None = Field(8, ge=2, le=16)
-    weight_observer: Literal["minmax", "mse"] = "minmax"
-    activation_observer: Literal["minmax", "mse", "percentile"] = "minmax"
-    percentile: float = 99.99
-
-    def qconfig(self) -> QConfig:
-        return QConfig(**self.model_dump())
+    # module:function(model, dataset, *, seed, **kwargs) -> the trained nn.Module
+    trainer: str = "adaround_core.demo.training:train_on_dataset"
+    kwargs: dict[str, Any] = Field(default_factory=lambda: dict(DEMO_TRAIN_KWARGS))
 
 
 class CalibrationParams(_Section):
@@ -97,7 +94,7 @@ class PipelineParams(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
-    quant: QuantParams = QuantParams()
+    quant: QConfig = QConfig()
     calibration: CalibrationParams = CalibrationParams()
     adaround: AdaRoundConfig = AdaRoundConfig()
     eval: EvalParams = EvalParams()
@@ -151,9 +148,31 @@ def _reject_unknown_keys(raw: dict[str, Any], model: type[BaseModel], prefix: st
             _reject_unknown_keys(value, sub, f"{prefix}{key}.")
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> PipelineParams:
-    """Read and validate ``params.yaml``."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a params mapping."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def with_overrides(params: PipelineParams, overrides: list[str]) -> PipelineParams:
+    """``params`` with ``-S`` overrides applied, validated again."""
+    if not overrides:
+        return params
+    return parse_params(apply_overrides(params.model_dump(mode="json"), list(overrides)))
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS,
+                overrides: list[str] | tuple[str, ...] = ()) -> PipelineParams:
+    """Read and validate ``params.yaml``, then apply and validate the ``-S`` overrides."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"params file {path} does not exist")
-    return parse_params(yaml.safe_load(path.read_text()))
+    return with_overrides(parse_params(yaml.safe_load(path.read_text())), list(overrides))

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from tasks.io import import_object
 from tasks.model_state import compute_device
-from tasks.params import PipelineParams
-
-
-class PreflightError(RuntimeError):
-    """The configuration cannot work; the message names the setting and how to fix it."""
-
+from tasks.params import PipelineParams, PreflightError
 
 STAGE_ORDER = ("data", "train", "calibrate", "adaround", "evaluate")
 # Each callable of the params and the last stage that calls it: a stage checks only
 # what it or a later stage will call (the adaround stage does not import the data source).
-CALLABLE_LAST_USED_BY = {"data.source": "data", "model.factory": "evaluate",
-                         "eval.metric": "evaluate"}
+CALLABLE_LAST_USED_BY = {"data.source": "data", "train.trainer": "train",
+                         "model.factory": "evaluate", "eval.metric": "evaluate"}
 
 
 def callables_needed_from(stage: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""MLflow tracking of a pipeline run (DESIGN.md §3).
+"""MLflow tracking of a pipeline run.
 
 One parent run per pipeline run, child runs ``float`` / ``baseline`` / ``adaround``, all
 addressed by id through an :class:`MlflowClient`: no fluent "active run", which a task
@@ -25,9 +25,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.io import read_json
 from tasks.layout import Layout
-from tasks.params import PipelineParams
+from tasks.params import PipelineParams, PreflightError
 from tasks.plots import layer_error_figure
-from tasks.preflight import PreflightError
 from tasks.provenance import provenance_tags
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""The float model: trained on the dataset (demo) or loaded from ``model.pretrained``."""
+"""The float model: trained by ``train.trainer`` on the dataset, or loaded from
+``model.pretrained`` (training skipped)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from pathlib import Path
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from torch import nn
 
-from adaround_core.demo.training import train_classifier
 from tasks.artifacts import Artifact
-from tasks.io import load_tensors, save_tensors
+from tasks.io import import_object, load_tensors, save_tensors
 from tasks.model_state import build_float_model
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
@@ -22,6 +23,17 @@ def _pretrained_state(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def train(params: PipelineParams, model: nn.Module, dataset: dict[str, torch.Tensor]) -> nn.Module:
+    """Call ``train.trainer(model, dataset, seed=runtime.seed, **train.kwargs)``."""
+    trainer = params.train.trainer
+    trained = import_object(trainer)(model, dataset, seed=params.runtime.seed,
+                                     **params.train.kwargs)
+    if not isinstance(trained, nn.Module):
+        raise TypeError(f"train.trainer {trainer!r} returned {type(trained).__name__}, not the "
+                        f"trained torch.nn.Module")
+    return trained
+
+
 @task(retries=1, cache_policy=NO_CACHE)
 def train_float_model(params: PipelineParams, dataset: Artifact, out: str) -> Artifact:
     """Save the float model's state_dict to ``out``."""
@@ -30,10 +42,7 @@ def train_float_model(params: PipelineParams, dataset: Artifact, out: str) -> Ar
     if params.model.pretrained:
         model.load_state_dict(_pretrained_state(params.model.pretrained))
     else:
-        data = load_tensors(dataset.file)
-        t = params.train
-        train_classifier(model, data["train_x"], data["train_y"], epochs=t.epochs,
-                         batch_size=t.batch_size, lr=t.lr, seed=params.runtime.seed)
+        model = train(params, model, load_tensors(dataset.file))
     digest = save_tensors(Path(out), model.state_dict())
     run_logger(__name__).info("float model saved to %s", out)
     return Artifact(out, digest)

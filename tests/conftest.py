@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from adaround_core.quantization import FakeQuantState, prepare_qat_fx, set_fake_quantize
+from flows.environment import apply_process_defaults
+
+apply_process_defaults()  # as `python -m flows` does: no telemetry, patient server start
 
 
 class TinyCNN(nn.Module):

@@ -30,6 +30,14 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
     return model.eval()
 
 
+def train_on_dataset(model: nn.Module, dataset: dict[str, torch.Tensor], *, seed: int,
+                     epochs: int = 30, batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
+    """The pipeline's ``train.trainer`` of the demo: :func:`train_classifier` on the
+    dataset's ``train_x`` / ``train_y``."""
+    return train_classifier(model, dataset["train_x"], dataset["train_y"], epochs=epochs,
+                            batch_size=batch_size, lr=lr, seed=seed)
+
+
 @torch.no_grad()
 def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy in percent."""

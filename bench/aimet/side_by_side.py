@@ -45,12 +45,12 @@ from pathlib import Path
 import torch
 
 from adaround_core import quantization as q
-from adaround_core.bn_folding import fold_batchnorms
 from adaround_core.demo.digits import load_digits_splits
 from adaround_core.demo.models import DigitsCNN
 from adaround_core.demo.training import top1, train_classifier
-from adaround_core.quant_layers import quant_layers
-from adaround_core.quant_math import fake_quantize
+from adaround_core.quant.bn_folding import fold_batchnorms
+from adaround_core.quant.quant_layers import quant_layers
+from adaround_core.quant.quant_math import fake_quantize
 
 ROOT = Path(__file__).resolve().parents[2]
 CALIB_BATCH = 32

@@ -9,7 +9,7 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     """Fixed seed per test; one intra-op thread (tiny tensors run many times faster on the
-    2-core CI machine, as DESIGN.md §5 notes); the thread setting is restored afterwards."""
+    2-core CI machine, see BENCHMARKS.md, "Thread setting"); the thread setting is restored afterwards."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

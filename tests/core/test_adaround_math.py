@@ -1,4 +1,4 @@
-"""Golden values for AdaRound's equations (DESIGN.md §2), all computed by hand."""
+"""Golden values for AdaRound's equations (docs/weight_reconstruction.md), all computed by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from adaround_core import adaround_math as am
+from adaround_core.reconstruction import adaround_math as am
 
 
 def f64(*values: float) -> torch.Tensor:

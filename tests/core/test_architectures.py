@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from adaround_core import quantization as q
-from adaround_core.quant_layers import quant_layers
-from adaround_core.quant_math import fake_quantize
+from adaround_core.quant.quant_layers import quant_layers
+from adaround_core.quant.quant_math import fake_quantize
 
 
 class _Block(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from adaround_core.batches import (
+from adaround_core.calibration.batches import (
     CalibrationBatches,
     call_model,
     check_finite,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from adaround_core.bn_folding import find_foldable_pairs, fold_batchnorms, fold_into_layer
+from adaround_core.quant.bn_folding import find_foldable_pairs, fold_batchnorms, fold_into_layer
 
 
 def _bn(n: int, dims: int = 2, seed: int = 0) -> nn.Module:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from adaround_core.batches import CalibrationBatches
-from adaround_core.quant_layers import quant_layers
+from adaround_core.calibration.batches import CalibrationBatches
+from adaround_core.quant.quant_layers import quant_layers
 from adaround_core.quantization import prepare_qat_fx, weight_reconstruction
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

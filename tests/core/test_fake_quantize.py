@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaround_core.fake_quantize import (
+from adaround_core.quant.fake_quantize import (
     FakeQuantize,
     FakeQuantState,
     fake_quantizers,
@@ -15,7 +15,7 @@ from adaround_core.fake_quantize import (
     restore_fake_quantize_states,
     set_fake_quantize,
 )
-from adaround_core.observers import MinMaxObserver, WeightMinMaxObserver
+from adaround_core.quant.observers import MinMaxObserver, WeightMinMaxObserver
 from adaround_core.quantization import prepare_qat_fx
 
 

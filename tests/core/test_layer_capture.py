@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from adaround_core.fake_quantize import FakeQuantState, fake_quantizers, set_fake_quantize
-from adaround_core.layer_capture import capture_layer_io, first_call_order
-from adaround_core.quant_layers import quant_layers
+from adaround_core.calibration.layer_capture import capture_layer_io, first_call_order
+from adaround_core.quant.fake_quantize import FakeQuantState, fake_quantizers, set_fake_quantize
+from adaround_core.quant.quant_layers import quant_layers
 from adaround_core.quantization import prepare_qat_fx
 
 

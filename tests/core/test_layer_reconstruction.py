@@ -6,16 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from adaround_core.layer_reconstruction import (
+from adaround_core.calibration.layer_samples import LayerSamples
+from adaround_core.quant.qconfig import QConfig
+from adaround_core.quantization import prepare_qat_fx
+from adaround_core.reconstruction.layer_reconstruction import (
     holdout_mse,
     nearest_weight,
     optimise_rounding,
     reconstruct_layer,
 )
-from adaround_core.layer_samples import LayerSamples
-from adaround_core.qconfig import QConfig
-from adaround_core.quantization import prepare_qat_fx
-from adaround_core.reconstruction_config import AdaRoundConfig
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 
 
 def _setup(weight_bits: int = 3, n: int = 256, seed: int = 0):

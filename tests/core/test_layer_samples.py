@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from adaround_core.layer_samples import LayerSamples
+from adaround_core.calibration.layer_samples import LayerSamples
 
 
 def _ids(n: int, start: int = 0, width: int = 3) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaround_core import observers as obs
+from adaround_core.quant import observers as obs
 
 QMIN, QMAX = 0, 255
 

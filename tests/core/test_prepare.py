@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaround_core.fake_quantize import FakeQuantState, fake_quantizers, set_fake_quantize
-from adaround_core.prepare import is_prepared
-from adaround_core.qconfig import QConfig
-from adaround_core.quant_layers import QuantLayerMixin, QuantLinear, QuantMultiheadAttention
+from adaround_core.quant.fake_quantize import FakeQuantState, fake_quantizers, set_fake_quantize
+from adaround_core.quant.prepare import is_prepared
+from adaround_core.quant.qconfig import QConfig
+from adaround_core.quant.quant_layers import QuantLayerMixin, QuantLinear, QuantMultiheadAttention
 from adaround_core.quantization import prepare_qat_fx
 
 

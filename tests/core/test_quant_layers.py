@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from adaround_core import quant_layers as ql
-from adaround_core.fake_quantize import FakeQuantState, set_fake_quantize
-from adaround_core.qconfig import QConfig
+from adaround_core.quant import quant_layers as ql
+from adaround_core.quant.fake_quantize import FakeQuantState, set_fake_quantize
+from adaround_core.quant.qconfig import QConfig
 from adaround_core.quantization import prepare_qat_fx
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaround_core import quant_math as qm
+from adaround_core.quant import quant_math as qm
 
 
 @pytest.mark.parametrize(

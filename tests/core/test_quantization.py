@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import adaround_core
 from adaround_core import quantization
-from adaround_core.fake_quantize import FakeQuantState, set_fake_quantize
-from adaround_core.prepare import prepare_qat_fx
-from adaround_core.qconfig import QConfig
-from adaround_core.weight_reconstruction import weight_reconstruction
+from adaround_core.quant.fake_quantize import FakeQuantState, set_fake_quantize
+from adaround_core.quant.prepare import prepare_qat_fx
+from adaround_core.quant.qconfig import QConfig
+from adaround_core.reconstruction.weight_reconstruction import weight_reconstruction
 
 SEED_NAMES = ["FakeQuantState", "QConfig", "mix_calibration", "prepare_qat_fx",
               "set_fake_quantize", "weight_reconstruction"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from adaround_core.reconstruction_config import AdaRoundConfig
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 
 SEED_DEFAULTS = {
     "num_batches": 10,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adaround_core.layer_reconstruction import LayerReport
-from adaround_core.report import ReconstructionReport
+from adaround_core.reconstruction.layer_reconstruction import LayerReport
+from adaround_core.reconstruction.report import ReconstructionReport
 
 
 def _report() -> ReconstructionReport:

@@ -1,7 +1,7 @@
 """What the fast optimisation loop must keep: the algorithm and path-independence.
 
 * The hand-written gradient of :class:`SoftRounding` equals autograd through the
-  reference equations of :mod:`adaround_core.adaround_math` (DESIGN.md §2).
+  reference equations of :mod:`adaround_core.reconstruction.adaround_math` (docs/weight_reconstruction.md).
 * :class:`FusedAdam` is ``torch.optim.Adam(fused=True)`` step for step.
 * The whole loop rounds like the plain autograd loop it replaced.
 * The in-memory library path (``LayerSamples.from_tensors``) and the pipeline path
@@ -16,22 +16,22 @@ import copy
 import pytest
 import torch
 
-from adaround_core import adaround_math as am
-from adaround_core.fake_quantize import FakeQuantState
-from adaround_core.layer_capture import first_call_order, iter_layer_io
-from adaround_core.layer_reconstruction import (
+from adaround_core.calibration.layer_capture import first_call_order, iter_layer_io
+from adaround_core.calibration.layer_samples import LayerSamples
+from adaround_core.calibration.sample_store import write_layer_cache
+from adaround_core.quant.fake_quantize import FakeQuantState
+from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
+from adaround_core.quant.qconfig import QConfig
+from adaround_core.quant.quant_layers import quant_layers
+from adaround_core.quantization import prepare_qat_fx
+from adaround_core.reconstruction import adaround_math as am
+from adaround_core.reconstruction.layer_reconstruction import (
     layer_generator,
     optimise_rounding,
     reconstruct_layer,
 )
-from adaround_core.layer_samples import LayerSamples
-from adaround_core.model_modes import eval_mode, fake_quant_state, float_reference
-from adaround_core.qconfig import QConfig
-from adaround_core.quant_layers import quant_layers
-from adaround_core.quantization import prepare_qat_fx
-from adaround_core.reconstruction_config import AdaRoundConfig
-from adaround_core.sample_store import write_layer_cache
-from adaround_core.soft_rounding import FusedAdam, SoftRounding
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
+from adaround_core.reconstruction.soft_rounding import FusedAdam, SoftRounding
 
 
 def _grid_case(shape=(6, 5, 3, 3), bits=3, seed=0):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaround_core.threads import DEFAULT_CPU_THREADS, choose_threads, intra_op_threads
+from adaround_core.reconstruction.threads import (
+    DEFAULT_CPU_THREADS,
+    choose_threads,
+    intra_op_threads,
+)
 
 
 def test_choose_threads():

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from adaround_core.fake_quantize import get_fake_quantize_states
-from adaround_core.quant_layers import quant_layers
+from adaround_core.quant.fake_quantize import get_fake_quantize_states
+from adaround_core.quant.quant_layers import quant_layers
 from adaround_core.quantization import (
     FakeQuantState,
     QConfig,

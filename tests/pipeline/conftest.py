@@ -25,7 +25,7 @@ VENV_BIN = str(Path(sys.executable).parent)
 TINY_PARAMS = {
     "data": {"kwargs": {"num_calibration": 64, "seed": 0}},
     "model": {"kwargs": {"width": 4}},
-    "train": {"epochs": 2},
+    "train": {"kwargs": {"epochs": 2}},
     "quant": {"weight_bits": 4},
     "calibration": {"batch_size": 16, "num_samples": 64},
     "adaround": {"num_steps": 20, "progress": False},
@@ -173,15 +173,15 @@ class PipelineHelpers:
     def library_state(params) -> dict:
         """The in-memory library call on the project's calibrated checkpoint: the state_dict
         ``weight_reconstruction`` leaves, to compare with the pipeline's checkpoint."""
-        from adaround_core.weight_reconstruction import weight_reconstruction
-        from tasks.io import load_tensors
-        from tasks.layout import Layout
-        from tasks.model_state import calibration_batches, load_calibrated_model
+        from adaround_core.reconstruction.weight_reconstruction import weight_reconstruction
+        from tasks.layout import Layout, existing
+        from tasks.model_state import calibrated_model, calibration_inputs
 
         layout = Layout(params)
-        batches = calibration_batches(params, load_tensors(layout.dataset))
-        model = load_calibrated_model(params, layout.float_checkpoint,
-                                      layout.calibrated_checkpoint, batches[0])
+        dataset = existing(layout.dataset, "data")
+        batches = calibration_inputs(params, dataset)
+        model = calibrated_model(params, dataset, existing(layout.float_checkpoint, "train"),
+                                 existing(layout.calibrated_checkpoint, "calibrate"))
         weight_reconstruction(model, batches, None, params.adaround.model_dump())
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from adaround_core.sample_store import read_manifest
+from adaround_core.calibration.sample_store import read_manifest
 from flows.stages import adaround_flow
 from tasks.io import load_tensors
 
@@ -70,7 +70,7 @@ def test_settings_that_cannot_change_a_result_reuse_everything(project, pipe):
     before = (project / CHECKPOINT).read_bytes()
     results, caches, _ = _rerun(project, pipe, eval={"batch_size": 7},
                                 adaround={"progress": True}, tracking={"experiment": "x"},
-                                train={"epochs": 9})
+                                train={"kwargs": {"epochs": 9}})
     assert (results, caches) == (set(), set())
     assert (project / CHECKPOINT).read_bytes() == before
 

@@ -16,9 +16,9 @@ from tasks.layer_adaround import adaround_layer, assemble_checkpoint
 from tasks.layer_jobs import LayerJob
 from tasks.layout import Layout, existing
 from tasks.model_state import compute_device
-from tasks.params import parse_params
+from tasks.params import PreflightError, parse_params
 from tasks.planning import plan_layers
-from tasks.preflight import PreflightError, preflight
+from tasks.preflight import preflight
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -14,8 +14,8 @@ import torch
 from conftest import REPO, subprocess_env
 from filelock import FileLock
 
-from adaround_core import sample_store
-from adaround_core.sample_store import read_manifest
+from adaround_core.calibration import sample_store
+from adaround_core.calibration.sample_store import read_manifest
 from flows.stages import adaround_flow
 from tasks.activation_cache import cache_layer_activations
 from tasks.artifacts import LayerResult
@@ -23,7 +23,7 @@ from tasks.io import load_tensors
 from tasks.layer_adaround import assemble_checkpoint
 from tasks.layer_jobs import LayerJob
 from tasks.layout import Layout, existing
-from tasks.model_state import apply_rounded_weight
+from tasks.model_state import apply_rounded_weight, calibrated_model
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def test_result_for_a_layer_the_model_no_longer_has_is_a_clear_error(project, pi
     with pytest.raises(KeyError, match=r"layer 'features.0' from the results does not exist "
                                        r"in the model"):
         assemble_checkpoint.fn(params, *_inputs(params), [result], str(tmp_path / "out"))
-    model = LayerJob(params, *_inputs(params), "conv1", 1, ()).build_models()[0]
+    model = calibrated_model(params, *_inputs(params))
     with pytest.raises(ValueError, match=r"result for 'conv2' has shape \(3, 3\)"):
         apply_rounded_weight(model, "conv2", torch.zeros(3, 3))
 

@@ -46,7 +46,7 @@ def _project(directory: Path, samples: int, pipe) -> Path:
     pipe.project(directory, overrides={
         "data": {"kwargs": {"num_calibration": samples, "seed": 0}},
         "model": {"factory": "test_memory:UpsampledCNN", "kwargs": {"width": 16}},
-        "train": {"epochs": 0},
+        "train": {"kwargs": {"epochs": 0}},
         "calibration": {"batch_size": 64, "num_samples": samples},
         "adaround": {"num_steps": 5, "progress": False}})
     params = pipe.params(directory)

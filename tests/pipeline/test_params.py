@@ -11,8 +11,8 @@ from conftest import REPO, project_env, run_cmd, write_params
 from flows.pipeline import pipeline_flow
 from flows.stages import adaround_flow, train_flow
 from tasks.layout import Layout
-from tasks.params import PipelineParams, load_params, parse_params
-from tasks.preflight import PreflightError, callables_needed_from, check_callables, preflight
+from tasks.params import PipelineParams, PreflightError, load_params, parse_params
+from tasks.preflight import callables_needed_from, check_callables, preflight
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -31,7 +31,7 @@ def test_an_unknown_key_is_an_error_naming_it(raw, message):
     ({"quant": {"weight_bits": 2.5}}, "quant.weight_bits"),
     ({"tracking": {"enabled": "yes"}}, "tracking.enabled"),
     ({"runtime": {"task_runner": "ray"}}, "runtime.task_runner"),
-    ({"train": {"epochs": -1}}, "train.epochs"),
+    ({"train": {"kwargs": ["epochs", 2]}}, "train.kwargs"),
 ])
 def test_a_value_of_the_wrong_type_is_an_error_naming_the_key(raw, key):
     with pytest.raises(ValueError) as err:
@@ -52,6 +52,7 @@ def test_the_repository_params_file_is_valid_and_lists_every_knob():
     ("data.source", "no_such_module:digits", "cannot import module 'no_such_module'"),
     ("model.factory", "adaround_core.demo.models:NoSuchModel", "has no attribute 'NoSuchModel'"),
     ("eval.metric", "math:pi", "not a callable"),
+    ("train.trainer", "adaround_core.demo.training:no_trainer", "has no attribute 'no_trainer'"),
     ("eval.metric", "top1", "is not of the form 'package.module:function'"),
 ])
 def test_a_callable_that_does_not_import_is_an_error_naming_the_key(key, spec, message):
@@ -81,6 +82,7 @@ def test_a_stage_checks_only_the_callables_it_or_a_later_stage_calls(tmp_path, m
         preflight(params, "data")
     preflight(params, "adaround")  # the data source is not called again: not imported
     assert callables_needed_from("adaround") == ["model.factory", "eval.metric"]
+    assert callables_needed_from("train") == ["train.trainer", "model.factory", "eval.metric"]
 
 
 @pytest.mark.parametrize(("args", "overrides", "message"), [

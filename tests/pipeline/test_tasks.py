@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaround_core.fake_quantize import FakeQuantState
-from adaround_core.layer_capture import capture_layer_io
-from adaround_core.layer_reconstruction import layer_generator, reconstruct_layer
-from adaround_core.layer_samples import LayerSamples
-from adaround_core.model_modes import fake_quant_state
-from adaround_core.quant_layers import quant_layers
-from adaround_core.sample_store import read_manifest
-from adaround_core.threads import intra_op_threads
+from adaround_core.calibration.layer_capture import capture_layer_io
+from adaround_core.calibration.layer_samples import LayerSamples
+from adaround_core.calibration.sample_store import read_manifest
+from adaround_core.quant.fake_quantize import FakeQuantState
+from adaround_core.quant.model_modes import fake_quant_state
+from adaround_core.quant.quant_layers import quant_layers
+from adaround_core.reconstruction.layer_reconstruction import layer_generator, reconstruct_layer
+from adaround_core.reconstruction.threads import intra_op_threads
 from flows.runtime import make_task_runner
 from tasks.activation_cache import cache_layer_activations
 from tasks.artifacts import Artifact, LayerPlan, LayerResult
@@ -27,7 +27,9 @@ from tasks.io import file_digest, load_tensors, tensor_digest
 from tasks.layer_adaround import adaround_layer, assemble_checkpoint
 from tasks.layer_jobs import LayerJob
 from tasks.layout import Layout, existing
+from tasks.model_state import calibration_inputs, layer_models
 from tasks.planning import plan_layers
+from tasks.training import train_float_model
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +95,13 @@ def test_disk_path_rounds_a_layer_exactly_as_the_in_memory_path(params, inputs):
     disk_weight = load_tensors(Path(result.path))["weight"]
 
     cfg = params.adaround
-    model, reference = job.build_models()
+    model, reference = layer_models(job.params, job.dataset, job.float_model, job.calibrated,
+                                    job.previous)
     layer = quant_layers(model)["conv1"]
     generator = layer_generator(cfg.seed, "conv1")
     with intra_op_threads(1), fake_quant_state(model, FakeQuantState.VALIDATION):
         layer.freeze_weight_qparams()
-        x, y = capture_layer_io(model, reference, "conv1", 1, job.batches())
+        x, y = capture_layer_io(model, reference, "conv1", 1, calibration_inputs(job.params, job.dataset))
         samples = LayerSamples.from_tensors(x, y, cfg.holdout_fraction, generator)
         report = reconstruct_layer("conv1", layer, samples, cfg, generator)
     assert torch.equal(disk_weight, layer.weight.detach())
@@ -125,7 +128,7 @@ def test_layer_keys_follow_exactly_what_a_result_depends_on(params, inputs):
     steps = changed("adaround", num_steps=21)
     assert steps.result_key != base.result_key and steps.cache_key == base.cache_key
     for same in (changed("adaround", progress=True), changed("eval", batch_size=7),
-                 changed("tracking", experiment="other"), changed("train", epochs=9),
+                 changed("tracking", experiment="other"), changed("train", kwargs={"epochs": 9}),
                  changed("adaround", exclude_prefix=["fc"]), changed("adaround", num_batches=3)):
         assert (same.result_key, same.cache_key) == (base.result_key, base.cache_key)
     bits = changed("quant", weight_bits=3)
@@ -198,3 +201,33 @@ def test_missing_cache_dir_is_rebuilt(params, inputs):
     first = Path(cache_layer_activations.fn(job).path)
     shutil.rmtree(first)
     assert read_manifest(Path(cache_layer_activations.fn(job).path), verify=True)
+
+
+def trainer_setting_weights(model, dataset, *, seed, value):
+    """A ``train.trainer`` of this test: every parameter set to ``value``."""
+    assert set(dataset) >= {"train_x", "train_y"} and seed == 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+    return model
+
+
+def trainer_returning_a_dict(model, dataset, *, seed):
+    return {"weights": model.state_dict()}
+
+
+def test_training_is_the_pluggable_trainer(tmp_path, params, inputs):
+    dataset, _, _ = inputs
+    train = params.train.model_copy(update={"trainer": "test_tasks:trainer_setting_weights",
+                                            "kwargs": {"value": 0.25}})
+    custom = params.model_copy(update={"train": train})
+    out = train_float_model.fn(custom, dataset, str(tmp_path / "float.safetensors"))
+    assert all(torch.all(t == 0.25) for k, t in load_tensors(out.file).items()
+               if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+    not_a_model = params.model_copy(update={"train": train.model_copy(
+        update={"trainer": "test_tasks:trainer_returning_a_dict", "kwargs": {}})})
+    with pytest.raises(TypeError, match=r"train.trainer 'test_tasks:trainer_returning_a_dict' "
+                                        r"returned dict"):
+        train_float_model.fn(not_a_model, dataset, str(tmp_path / "other.safetensors"))
+    assert not (tmp_path / "other.safetensors").exists()

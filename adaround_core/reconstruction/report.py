@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from adaround_core.layer_reconstruction import LayerReport
+from adaround_core.reconstruction.layer_reconstruction import LayerReport
 
 
 @dataclass

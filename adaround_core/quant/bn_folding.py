@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+
+from adaround_core.torch_private import BatchNormBase, tree_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def find_foldable_pairs(model: nn.Module, call_model) -> list[tuple[str, str]]:
     return pairs
 
 
-def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_scale_shift(bn: BatchNormBase) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(a, b)`` with ``bn(y) = a * y + b`` in eval mode."""
     inv_std = torch.rsqrt(bn.running_var + bn.eps)
     weight = bn.weight if bn.affine else torch.ones_like(inv_std)

@@ -15,22 +15,25 @@ from dataclasses import dataclass
 
 import torch
 
-from adaround_core.adaround_math import beta_at
-from adaround_core.layer_samples import LayerSamples
-from adaround_core.quant_layers import QuantLayerMixin
-from adaround_core.quant_math import fake_quantize
-from adaround_core.reconstruction_config import AdaRoundConfig
-from adaround_core.soft_rounding import FusedAdam, SoftRounding
+from adaround_core.calibration.layer_samples import LayerSamples
+from adaround_core.quant.quant_layers import QuantLayerMixin
+from adaround_core.quant.quant_math import fake_quantize
+from adaround_core.reconstruction.adaround_math import beta_at
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
+from adaround_core.reconstruction.soft_rounding import FusedAdam, SoftRounding
 
 logger = logging.getLogger(__name__)
 
 HOLDOUT_CHUNK = 256  # held-out samples evaluated per forward call
+# Multiplies the seed in a layer's random stream (a prime, larger than any realistic seed
+# difference), so that seed s of one layer and seed s + 1 of another rarely coincide.
+SEED_STRIDE = 1_000_003
 
 
 def layer_generator(seed: int, name: str) -> torch.Generator:
     """Random source of one layer, fixed by the seed and the layer's name alone, so a
     layer's result does not depend on which layers ran before it in this process."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.Generator().manual_seed(seed * SEED_STRIDE + zlib.crc32(name.encode()))
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def optimise_rounding(layer: QuantLayerMixin, samples: LayerSamples, cfg: AdaRou
                       on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Run ``cfg.num_steps`` Adam steps on the rounding variable ``V``; return the hard weight.
 
-    The loss is DESIGN.md §2's (``adaround_math.reconstruction_loss`` plus ``cfg.weight``
+    The loss is that of ``docs/weight_reconstruction.md`` (``adaround_math.reconstruction_loss`` plus ``cfg.weight``
     times ``adaround_math.rounding_regularizer``); its gradient is taken by hand
     (:class:`SoftRounding`), with autograd only through the layer itself.
     """

@@ -8,11 +8,16 @@ from typing import Any
 
 from torch import nn
 
-from adaround_core.batches import call_model
-from adaround_core.bn_folding import fold_batchnorms
-from adaround_core.fake_quantize import FakeQuantState, fake_quantizers
-from adaround_core.qconfig import QConfig
-from adaround_core.quant_layers import QUANT_LAYER_TYPES, QuantLayerMixin, QuantMultiheadAttention
+from adaround_core.calibration.batches import call_model
+from adaround_core.quant.bn_folding import fold_batchnorms
+from adaround_core.quant.fake_quantize import FakeQuantState, fake_quantizers
+from adaround_core.quant.model_modes import fake_quant_state
+from adaround_core.quant.qconfig import QConfig
+from adaround_core.quant.quant_layers import (
+    QUANT_LAYER_TYPES,
+    QuantLayerMixin,
+    QuantMultiheadAttention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +82,8 @@ def _fold_at_first_forward(model: nn.Module) -> None:
         if module.training or not getattr(module, "_batchnorm_fold_pending", False):
             return  # in train mode running statistics are not what the model computes
         module._batchnorm_fold_pending = False
-        states = {fq: fq.state for fq in fake_quantizers(module)}
-        for fq in states:
-            fq.state = FakeQuantState.FLOAT
-        try:
+        with fake_quant_state(module, FakeQuantState.FLOAT):
             fold_batchnorms(module, lambda m: m(*args, **kwargs))
-        finally:
-            for fq, state in states.items():
-                fq.state = state
 
     model._batchnorm_fold_pending = True  # a flag, not a handle: survives deepcopy correctly
     model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaround_core.batches import call_model
+from adaround_core.calibration.batches import call_model
 
 
 class _LayerReached(Exception):

@@ -1,7 +1,7 @@
 """The ``FakeQuantize`` module and the model-wide state switch ``set_fake_quantize``.
 
 A ``FakeQuantize`` only holds buffers, an observer and flags; the math lives in
-:mod:`adaround_core.quant_math`.
+:mod:`adaround_core.quant.quant_math`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from adaround_core.quant_math import fake_quantize
+from adaround_core.quant.quant_math import fake_quantize
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Samples are the rows (slices along dim 0) of what the layer saw: images for a
 Conv, batch or sequence entries for a Linear. Rows of different shapes (a layer
 called at several resolutions) form separate groups. A fixed share of each group
 is held out to judge the rounding; the rest is drawn at random, with repeats, for
-optimisation. The rows live in a :mod:`~adaround_core.sample_store` (memory or
+optimisation. The rows live in a :mod:`~adaround_core.calibration.sample_store` (memory or
 disk): the split and the sampling are the same either way, so a given seed draws
 the same samples from both.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from adaround_core.sample_store import RowStore, TensorStore, cached_groups
+from adaround_core.calibration.sample_store import RowStore, TensorStore, cached_groups
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class LayerSamples:
     def from_cache(cls, directory: Path, holdout_fraction: float, generator: torch.Generator,
                    device: torch.device | str = "cpu") -> LayerSamples:
         """Samples read from a disk cache written by
-        :func:`~adaround_core.sample_store.write_layer_cache` (memory stays flat)."""
+        :func:`~adaround_core.calibration.sample_store.write_layer_cache` (memory stays flat)."""
         groups = cached_groups(Path(directory), device)
         first_batch = groups[0][0].shards[0].rows
         return cls(groups, holdout_fraction, generator, first_batch)

@@ -1,9 +1,9 @@
 """The per-step math of AdaRound on one layer, with the gradient of ``V`` written out.
 
-:mod:`~adaround_core.adaround_math` states the equations as pure functions; autograd
+:mod:`~adaround_core.reconstruction.adaround_math` states the equations as pure functions; autograd
 through them records about 30 small elementwise ops per step, each with its own
 dispatch, allocation and graph node. Here the same loss is differentiated by hand
-(chain rule of DESIGN.md §2, checked against autograd in the tests) into reused
+(chain rule of the loss in ``docs/weight_reconstruction.md``, checked against autograd in the tests) into reused
 buffers, so one step is: soft weight (7 ops), the layer's own forward and
 weight-gradient kernels (``QuantLayerMixin.weight_vjp``, no autograd graph for
 Conv/Linear), then ``dL/dV`` (6 ops, plus 9 while the regulariser is on) and one
@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from adaround_core.adaround_math import (
+from adaround_core.reconstruction.adaround_math import (
     ADAROUND_GAMMA,
     ADAROUND_ZETA,
     init_rounding_variable,
     split_on_grid,
 )
+from adaround_core.torch_private import fused_adam_available, fused_adam_step, sigmoid_backward
 
 _STRETCH = ADAROUND_ZETA - ADAROUND_GAMMA
 
@@ -69,7 +70,7 @@ class SoftRounding:
         if beta is not None and reg_weight != 0.0:
             grad.add_(self._regulariser_grad(beta), alpha=-2.0 * beta * reg_weight * _STRETCH)
         grad.mul_(torch.eq(self._h, self._raw, out=self._mask))
-        return torch.ops.aten.sigmoid_backward(grad, self._sigmoid)
+        return sigmoid_backward(grad, self._sigmoid)
 
     def _regulariser_grad(self, beta: float) -> torch.Tensor:
         """``|2h - 1| ^ (beta - 1) * sign(2h - 1)``, eq. (24) differentiated."""
@@ -103,7 +104,7 @@ class FusedAdam:
         self._exp_avg = torch.zeros_like(param)
         self._exp_avg_sq = torch.zeros_like(param)
         self._step = torch.zeros((), dtype=torch.float32, device=param.device)
-        self._fallback = None if _has_fused_adam(param) else \
+        self._fallback = None if fused_adam_available(param) else \
             torch.optim.Adam([param], lr=lr, betas=self.BETAS, eps=self.EPS)
 
     def step(self, grad: torch.Tensor) -> None:
@@ -113,11 +114,6 @@ class FusedAdam:
             self._fallback.step()
             return
         self._step.add_(1)
-        torch._fused_adam_([self.param], [grad], [self._exp_avg], [self._exp_avg_sq], [],
-                           [self._step], lr=self.lr, beta1=self.BETAS[0], beta2=self.BETAS[1],
-                           weight_decay=0.0, eps=self.EPS, amsgrad=False, maximize=False)
+        fused_adam_step(self.param, grad, self._exp_avg, self._exp_avg_sq, self._step, self.lr,
+                        self.BETAS, self.EPS)
 
-
-def _has_fused_adam(param: torch.Tensor) -> bool:
-    return (hasattr(torch, "_fused_adam_") and param.dtype in (torch.float32, torch.float64)
-            and param.device.type in ("cpu", "cuda"))

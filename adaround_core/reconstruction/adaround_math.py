@@ -1,6 +1,6 @@
 """AdaRound's equations as pure functions (Nagel et al., ICML 2020, "Up or Down?").
 
-Notation follows DESIGN.md §2: ``s`` is the per-channel weight scale, ``V`` the
+Notation follows ``docs/weight_reconstruction.md``: ``s`` is the per-channel weight scale, ``V`` the
 learned rounding variable, ``h(V)`` the rectified sigmoid that decides the rounding.
 """
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 # On CPU the per-step tensors of AdaRound are small: measured on a 2-core machine,
-# one intra-op thread ran small ops about 5x faster than the default (DESIGN.md §5).
+# one intra-op thread ran small ops about 5x faster than the default (bench/bench_digits.py, "Thread setting" in BENCHMARKS.md).
 DEFAULT_CPU_THREADS = 1
 
 

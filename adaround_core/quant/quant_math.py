@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 
 SCALE_EPS = 1e-8  # smallest scale; avoids division by zero for all-zero channels
+# Clipping searches of the MSE observers: ratios of the observed range, from the full
+# range down, in CLIP_SEARCH_STEPS evenly spaced steps.
+CLIP_SEARCH_STEPS = 100
+WEIGHT_CLIP_RATIOS = (1.0, 0.2)  # of each channel's absolute maximum (weights)
+ACTIVATION_CLIP_RATIOS = (1.0, 0.1)  # of the observed [min, max] (activations)
 
 
 def symmetric_qrange(bits: int) -> tuple[int, int]:
@@ -79,7 +84,7 @@ def channel_amax(weight: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def mse_symmetric_scale(
-    weight: torch.Tensor, axis: int, qmin: int, qmax: int, grid: int = 100
+    weight: torch.Tensor, axis: int, qmin: int, qmax: int, grid: int = CLIP_SEARCH_STEPS
 ) -> torch.Tensor:
     """Per-channel symmetric scale minimising the squared rounding error of ``weight``.
 
@@ -91,7 +96,7 @@ def mse_symmetric_scale(
     zero = torch.zeros_like(amax)
     best_err = torch.full_like(amax, float("inf"))
     best_scale = symmetric_scale(amax, qmin, qmax)
-    for ratio in torch.linspace(1.0, 0.2, grid).tolist():
+    for ratio in torch.linspace(*WEIGHT_CLIP_RATIOS, grid).tolist():
         scale = symmetric_scale(amax * ratio, qmin, qmax)
         err = (fake_quantize(w, scale, zero, qmin, qmax, axis) - w).pow(2)
         err = err.sum(dim=dims) if dims else err

@@ -15,10 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaround_core.fake_quantize import FakeQuantize
-from adaround_core.observers import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
-from adaround_core.qconfig import QConfig
-from adaround_core.quant_math import symmetric_qrange, unsigned_qrange
+from adaround_core.quant.fake_quantize import FakeQuantize
+from adaround_core.quant.observers import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
+from adaround_core.quant.qconfig import QConfig
+from adaround_core.quant.quant_math import symmetric_qrange, unsigned_qrange
+from adaround_core.torch_private import (
+    conv_forward,
+    conv_transpose_output_padding,
+    convolution_weight_grad,
+)
 
 
 class QuantLayerMixin:
@@ -117,17 +122,15 @@ def _conv_weight_grad(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, t
     for the weight gradient only."""
 
     def backward(grad_output: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten.convolution_backward(
-            grad_output, x, weight, None, list(layer.stride), list(layer.padding),
-            list(layer.dilation), transposed, output_padding, layer.groups,
-            [False, True, False])[1]
+        return convolution_weight_grad(layer, x, weight, grad_output, transposed,
+                                       output_padding)
 
     return backward
 
 
 class _QuantConvNd(QuantLayerMixin):
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, weight, self.bias)
+        return conv_forward(self, x, weight)
 
     def weight_vjp(self, x: torch.Tensor, weight: torch.Tensor,
                    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -137,7 +140,7 @@ class _QuantConvNd(QuantLayerMixin):
                 or x.dim() != len(self.stride) + 2:
             return super().weight_vjp(x, weight)
         with torch.no_grad():
-            output = self._conv_forward(x, weight, self.bias)
+            output = conv_forward(self, x, weight)
         return output, _conv_weight_grad(self, x, weight, False, [0] * len(self.stride))
 
 
@@ -160,8 +163,7 @@ class _QuantConvTransposeNd(QuantLayerMixin):
 
     def forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor,
                             output_size: list[int] | None = None) -> torch.Tensor:
-        output_padding = self._output_padding(x, output_size, self.stride, self.padding,
-                                              self.kernel_size, self._spatial_dims, self.dilation)
+        output_padding = conv_transpose_output_padding(self, x, output_size, self._spatial_dims)
         return type(self)._functional(x, weight, self.bias, self.stride, self.padding,
                                       output_padding, self.groups, self.dilation)
 
@@ -170,8 +172,7 @@ class _QuantConvTransposeNd(QuantLayerMixin):
         """Direct kernel (transposed convolution, default output size, batched input)."""
         if x.dim() != len(self.stride) + 2:
             return super().weight_vjp(x, weight)
-        output_padding = self._output_padding(x, None, self.stride, self.padding,
-                                              self.kernel_size, self._spatial_dims, self.dilation)
+        output_padding = conv_transpose_output_padding(self, x, None, self._spatial_dims)
         with torch.no_grad():
             output = type(self)._functional(x, weight, self.bias, self.stride, self.padding,
                                             output_padding, self.groups, self.dilation)

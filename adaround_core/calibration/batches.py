@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
+
+from adaround_core.torch_private import tree_leaves, tree_map
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:

@@ -1,7 +1,6 @@
 """``weight_reconstruction``: AdaRound every Conv/Linear of a calibrated model, in place.
 
-The seed's API (``../shared/seed/weight_reconstruction.zh.txt``, DESIGN.md §1-2):
-layers are rounded one at a time in the order the forward pass first calls them,
+The toolchain API specified in ``docs/weight_reconstruction.md``: layers are rounded one at a time in the order the forward pass first calls them,
 each against the float model's output of that layer on its quantized-model input.
 """
 
@@ -14,16 +13,16 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from adaround_core.batches import CalibrationBatches, model_device
-from adaround_core.fake_quantize import FakeQuantize, FakeQuantState
-from adaround_core.layer_capture import capture_layer_io, first_call_order
-from adaround_core.layer_reconstruction import layer_generator, reconstruct_layer
-from adaround_core.layer_samples import LayerSamples
-from adaround_core.model_modes import eval_mode, fake_quant_state, float_reference
-from adaround_core.quant_layers import QuantLayerMixin, quant_layers
-from adaround_core.reconstruction_config import AdaRoundConfig
-from adaround_core.report import ReconstructionReport
-from adaround_core.threads import choose_threads, intra_op_threads
+from adaround_core.calibration.batches import CalibrationBatches, model_device
+from adaround_core.calibration.layer_capture import capture_layer_io, first_call_order
+from adaround_core.calibration.layer_samples import LayerSamples
+from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
+from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
+from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
+from adaround_core.reconstruction.layer_reconstruction import layer_generator, reconstruct_layer
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
+from adaround_core.reconstruction.report import ReconstructionReport
+from adaround_core.reconstruction.rounding_mode import rounding_mode
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +46,27 @@ def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
                               cfg.num_batches)
     data.check_all()
     check_any_calibrated(layers)  # before any forward pass (one may fold BatchNorms)
-    num_threads = choose_threads(cfg.num_threads, model_device(calib_model))
-    with intra_op_threads(num_threads), eval_mode(calib_model):
-        with fake_quant_state(calib_model, FakeQuantState.FLOAT):
-            order, calls = first_call_order(calib_model, layers, data.first())
-        selected = select_layers(order, cfg.exclude_prefix)
-        check_calibrated(layers, selected)
-        with fake_quant_state(calib_model, FakeQuantState.VALIDATION):
-            report = _reconstruct_layers(calib_model, layers, selected, calls, data, cfg)
+    selected, calls = rounding_order(calib_model, data.first(), cfg.exclude_prefix)
+    with rounding_mode(calib_model, cfg.num_threads) as num_threads:
+        report = _reconstruct_layers(calib_model, layers, selected, calls, data, cfg)
     report.num_threads = num_threads
     return report
 
 
 mix_calibration = weight_reconstruction  # the seed's name for the DataLoader call
+
+
+def rounding_order(model: nn.Module, batch: Any, exclude_prefix: list[str],
+                   ) -> tuple[list[str], dict[str, int]]:
+    """The layers to round, in the order a float forward pass on ``batch`` first calls
+    them, minus ``exclude_prefix``, and how often each is called per forward; checks they
+    are calibrated. Changes nothing but a pending BatchNorm fold."""
+    layers = quant_layers(model)
+    with eval_mode(model), fake_quant_state(model, FakeQuantState.FLOAT):
+        order, calls = first_call_order(model, layers, batch)
+    selected = select_layers(order, exclude_prefix)
+    check_calibrated(layers, selected)
+    return selected, {name: calls[name] for name in selected}
 
 
 def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], selected: list[str],

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from adaround_core.fake_quantize import (
+from adaround_core.quant.fake_quantize import (
     FakeQuantState,
     fake_quantizers,
     get_fake_quantize_states,

@@ -1,22 +1,22 @@
 """``AdaRoundConfig``: the validated form of ``custom_config_dict``.
 
 The seed's keys keep the seed's names and defaults; the extra keys are ours.
-Every error names the offending key, and an unknown key gets the closest known
-one suggested (``num_step`` -> ``num_steps``).
+Validation and errors are those of every engine config (:mod:`adaround_core.config`).
 """
 
 from __future__ import annotations
 
-import difflib
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
+
+from adaround_core.config import EngineConfig
 
 
-class AdaRoundConfig(BaseModel):
-    """Settings of :func:`weight_reconstruction` (DESIGN.md §1)."""
+class AdaRoundConfig(EngineConfig):
+    """Settings of :func:`weight_reconstruction` (``docs/weight_reconstruction.md``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    config_label: ClassVar[str] = "custom_config_dict"
 
     # The seed's keys.
     num_batches: int = Field(10, ge=1, description="DataLoader batches used (lists use all)")
@@ -60,26 +60,3 @@ class AdaRoundConfig(BaseModel):
         if start <= end:
             raise ValueError(f"must decrease (start > end), got {list(value)}")
         return value
-
-    @classmethod
-    def from_dict(cls, custom: dict[str, Any] | None) -> AdaRoundConfig:
-        """Validate ``custom_config_dict``; raise ``ValueError`` naming the bad key."""
-        custom = dict(custom or {})
-        for key in custom:
-            if key not in cls.model_fields:
-                hint = difflib.get_close_matches(str(key), list(cls.model_fields), n=1)
-                tip = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ValueError(f"unknown key {key!r} in custom_config_dict{tip} "
-                                 f"(known keys: {', '.join(cls.model_fields)})")
-        try:
-            return cls(**custom)
-        except ValidationError as err:
-            raise ValueError(_describe(err)) from None
-
-
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "custom_config_dict"
-        lines.append(f"custom_config_dict[{key!r}]: {e['msg']} (got {e.get('input')!r})")
-    return "invalid AdaRound config: " + "; ".join(lines)

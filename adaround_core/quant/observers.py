@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaround_core.quant_math import (
+from adaround_core.quant.quant_math import (
+    ACTIVATION_CLIP_RATIOS,
+    CLIP_SEARCH_STEPS,
     affine_qparams,
     channel_amax,
     fake_quantize,
@@ -89,7 +91,7 @@ class PercentileObserver(_ReservoirObserver):
 class MSEObserver(_ReservoirObserver):
     """Chooses the clipping range that minimises the fake-quantization MSE."""
 
-    def __init__(self, grid: int = 100, seed: int = 0) -> None:
+    def __init__(self, grid: int = CLIP_SEARCH_STEPS, seed: int = 0) -> None:
         super().__init__(seed)
         self.grid = grid
 
@@ -97,7 +99,7 @@ class MSEObserver(_ReservoirObserver):
         values = self._reservoir_or_minmax()
         lo, hi = self.min_val.float().cpu(), self.max_val.float().cpu()
         best = (float("inf"), lo, hi)
-        for ratio in torch.linspace(1.0, 0.1, self.grid).tolist():
+        for ratio in torch.linspace(*ACTIVATION_CLIP_RATIOS, self.grid).tolist():
             scale, zp = affine_qparams(lo * ratio, hi * ratio, qmin, qmax)
             err = (fake_quantize(values, scale, zp, qmin, qmax) - values).pow(2).mean().item()
             if err < best[0]:
