@@ -137,7 +137,7 @@ def fresh(project: Path) -> None:
 
 
 def adaround(project: Path, env: dict, name: str) -> dict:
-    result = run([PY, "-m", "flows", "adaround"], project, env, project / f"{name}.log")
+    result = run([PY, "-m", "flows", "adaround", "-v"], project, env, project / f"{name}.log")
     counts = re.findall(r"(\d+) layers rounded, (\d+) reused", result.pop("output"))
     result["rounded"], result["reused"] = map(int, counts[-1])
     return result

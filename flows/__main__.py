@@ -5,25 +5,37 @@
     python -m flows sweep -V quant.weight_bits=2 -V quant.weight_bits=4   # variants at once
     python -m flows serve --cron "0 2 * * *"    # nightly, against `prefect server start`
     python -m flows compare --last 5            # the last MLflow pipeline runs side by side
+    python -m flows check                       # validate params, files, callables, store
+    python -m flows gc --dry-run                # caches and results the params cannot reach
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from flows.console import (
+    DEBUG_ENV,
+    configure_logging,
+    debug_requested,
+    exit_code,
+    report_failure,
+    show_prefect_runs,
+)
 from flows.environment import apply_process_defaults
+from flows.summary import format_stage_result
 
 STAGE_NAMES = ["data", "train", "calibrate", "adaround", "evaluate", "run"]
-REPORT_COMMANDS = ["show", "compare"]  # metrics of the last run / last MLflow runs; no compute
+# no flow run, no Prefect server: validate everything / metrics of the last run / the last
+# MLflow runs / remove caches and results the current params cannot reach
+LOCAL_COMMANDS = ["check", "show", "compare", "gc"]
 SCALE_COMMANDS = ["sweep", "serve"]  # variants at once (flows/sweep.py); nightly (schedule.py)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flows", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=STAGE_NAMES + REPORT_COMMANDS + SCALE_COMMANDS)
+    p.add_argument("stage", choices=STAGE_NAMES + LOCAL_COMMANDS + SCALE_COMMANDS)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a param, e.g. -S adaround.num_steps=500 (repeatable)")
@@ -34,20 +46,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="serve: cron schedule of the pipeline (default: 02:00 nightly)")
     p.add_argument("--name", default="nightly", help="serve: deployment name")
     p.add_argument("--last", type=int, default=5, help="compare: how many runs (default: 5)")
+    p.add_argument("--dry-run", action="store_true", help="gc: list what would be removed")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log every step (Prefect's run states, our INFO logs)")
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the traceback of a failure (or set {DEBUG_ENV}=1)")
     return p
 
 
-def configure_logging() -> None:
-    """Our packages log at INFO; third-party chatter (HTTP requests) only at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("adaround_core", "tasks", "flows"):
-        logging.getLogger(name).setLevel(logging.INFO)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    configure_logging()
-    if args.stage in REPORT_COMMANDS or args.stage == "serve":
+def main(args: argparse.Namespace) -> int:
+    configure_logging(args.verbose)
+    if args.stage in LOCAL_COMMANDS or args.stage == "serve":
         return _no_flow_run(args, load_args_params(args))
     from flows.api_server import start_temporary_api_server
 
@@ -56,18 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "sweep":
         from flows.sweep import format_sweep, run_sweep
 
-        server.wait_until_ready()
+        _wait_for_prefect(server, args.verbose)
         print(format_sweep(run_sweep(params, args.variant)))
         return 0
     from flows.pipeline import run_stage  # imported late: Prefect start-up is slow
 
-    server.wait_until_ready()
-    result = run_stage(args.stage, params)
-    if args.stage in ("evaluate", "run"):
-        from flows.summary import format_metrics
-
-        print(format_metrics(result))
+    _wait_for_prefect(server, args.verbose)
+    print(format_stage_result(args.stage, run_stage(args.stage, params)))
     return 0
+
+
+def _wait_for_prefect(server, verbose: bool) -> None:
+    """Point Prefect at its server; show its run logs with ``-v`` or a real server."""
+    server.wait_until_ready()
+    show_prefect_runs(verbose or not server.is_temporary)
 
 
 def load_args_params(args: argparse.Namespace):
@@ -78,8 +89,13 @@ def load_args_params(args: argparse.Namespace):
 
 
 def _no_flow_run(args: argparse.Namespace, params) -> int:
-    """``show``, ``compare`` (no compute) and ``serve`` (needs a running server)."""
-    if args.stage == "show":
+    """``check``, ``show``, ``compare``, ``gc`` (no Prefect run) and ``serve`` (needs a
+    running server)."""
+    if args.stage == "check":
+        from flows.check import check_everything
+
+        print(check_everything(params))
+    elif args.stage == "show":
         from flows.summary import show_metrics
 
         print(show_metrics(params))
@@ -87,6 +103,12 @@ def _no_flow_run(args: argparse.Namespace, params) -> int:
         from flows.compare import compare_runs
 
         print(compare_runs(params, args.last))
+    elif args.stage == "gc":
+        from flows.runtime import output_lock
+        from tasks.garbage import collect_garbage, format_garbage
+
+        with output_lock(params):  # no stage may be writing what is removed
+            print(format_garbage(collect_garbage(params, args.dry_run), args.dry_run))
     else:
         from flows.schedule import serve
 
@@ -94,27 +116,18 @@ def _no_flow_run(args: argparse.Namespace, params) -> int:
     return 0
 
 
-EXIT_BAD_INPUT = 2  # bad params, a missing input, an unreachable store: fix, then rerun
-EXIT_BUSY = 75  # another run holds the outputs (EX_TEMPFAIL): rerun when it has finished
-
-
 def cli(argv: list[str] | None = None) -> int:
-    """``main``, with errors a user acts on as one line: exit 2 (fix the input) or 75 (the
-    outputs are busy: try again later)."""
+    """``main``, with a failure the user acts on as one line and an exit code saying what
+    kind (flows/console.py); anything else, or ``--debug``, with its traceback."""
     apply_process_defaults()
+    args = _parser().parse_args(argv)
     try:
-        return main(argv)
+        return main(args)
     except Exception as err:
-        from flows.runtime import OutputsBusyError  # imported late: they import torch
-        from tasks.params import PreflightError
-
-        if isinstance(err, OutputsBusyError):
-            code = EXIT_BUSY
-        elif isinstance(err, (ValueError, FileNotFoundError, LookupError, PreflightError)):
-            code = EXIT_BAD_INPUT
-        else:
+        code = exit_code(err)
+        if code is None or debug_requested(args.debug):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        report_failure(err)
         return code
 
 

@@ -28,11 +28,17 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 START_ATTEMPTS = 3  # a port taken between choosing it and binding it: try another
 STOP_TIMEOUT_S = 10.0
+STATE_DIR = ".prefect"  # under the project: the temporary server's database
+STATE_DB_MAX_BYTES = 64 * 2**20  # a larger database is removed once idle...
+STATE_DB_IDLE_S = 600.0  # ...for this long (no command is using it)
+DATABASE_URL_KEYS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                     "PREFECT_API_DATABASE_CONNECTION_URL")
 
 
 def free_port() -> int:
@@ -53,6 +59,11 @@ class TemporaryApiServer:
         self._set_env = False
 
     @property
+    def is_temporary(self) -> bool:
+        """Whether this command's flows talk to the temporary server (no UI, gone after)."""
+        return self.process is not None
+
+    @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
@@ -64,8 +75,8 @@ class TemporaryApiServer:
         self._attempts += 1
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flows.api_server", str(self.port), str(os.getpid())],
-            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                 "PREFECT__SERVER_FINAL": "1"})
+            env={**os.environ, **project_database_env(), "PREFECT_UI_ENABLED": "0",
+                 "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
 
     def wait_until_ready(self) -> None:
         """Use the configured API if there is one; else wait for the health check, then
@@ -123,6 +134,44 @@ class TemporaryApiServer:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+def project_state_dir() -> Path:
+    """Where the temporary server keeps its database: ``.prefect/`` in the project (the DVC
+    root under ``dvc repro``, else the working directory), not the user's home."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()) / STATE_DIR
+
+
+def project_database_env() -> dict[str, str]:
+    """The temporary server's database URL under the project (unless the user set one),
+    after removing a database that grew past ``STATE_DB_MAX_BYTES`` and is idle."""
+    if any(os.environ.get(key) for key in DATABASE_URL_KEYS):
+        return {}
+    state = project_state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    database = state / "prefect.db"
+    prune_idle_database(database)
+    return {DATABASE_URL_KEYS[0]: f"sqlite+aiosqlite:///{database}"}
+
+
+def prune_idle_database(database: Path, max_bytes: int | None = None,
+                        idle_s: float = STATE_DB_IDLE_S) -> bool:
+    """Delete ``database`` (and its WAL) when it holds more than ``max_bytes`` and nothing
+    wrote to it for ``idle_s`` seconds: the temporary server's history has no UI, and a new
+    database costs one slower start. Returns whether it was deleted."""
+    max_bytes = STATE_DB_MAX_BYTES if max_bytes is None else max_bytes
+    files = [database, *(database.with_name(database.name + s) for s in ("-wal", "-shm"))]
+    present = [f for f in files if f.exists()]
+    if not present:
+        return False
+    size = sum(f.stat().st_size for f in present)
+    idle = time.time() - max(f.stat().st_mtime for f in present)
+    if size <= max_bytes or idle < idle_s:
+        return False
+    for f in present:
+        f.unlink(missing_ok=True)
+    log.info("removed the temporary Prefect server's database %s (%d bytes)", database, size)
+    return True
 
 
 def _healthy(api_url: str) -> bool:

@@ -2,21 +2,32 @@
 
 Telemetry cannot reach the internet here (MLflow's delays the exit of every process that
 imported mlflow by ~2 s), and a fresh ``PREFECT_HOME`` takes up to ~20 s to start the
-temporary Prefect server. Values the user set in the environment always win.
+temporary Prefect server. Prefect pickles the exception of every failed flow run into its
+local result storage whatever ``persist_result`` says: that storage is a temporary folder of
+the command, removed when it exits. Values the user set in the environment always win.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 PROCESS_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
 }
+RESULT_STORAGE_KEYS = ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH")
 
 
 def apply_process_defaults() -> None:
-    """Set every :data:`PROCESS_DEFAULTS` entry the environment does not already set."""
+    """Set every :data:`PROCESS_DEFAULTS` entry the environment does not already set, and
+    give Prefect a result storage folder that lives as long as this process."""
     for key, value in PROCESS_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if not any(os.environ.get(key) for key in RESULT_STORAGE_KEYS):
+        storage = tempfile.mkdtemp(prefix="adaround-prefect-results-")
+        os.environ[RESULT_STORAGE_KEYS[0]] = storage
+        atexit.register(shutil.rmtree, storage, ignore_errors=True)

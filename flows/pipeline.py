@@ -18,7 +18,7 @@ STAGES = {
 }
 
 
-@flow(name="adaround-pipeline")
+@flow(persist_result=False, name="adaround-pipeline")
 def pipeline_flow(params: PipelineParams) -> dict:
     """Run every stage in order in one process; returns the metrics."""
     preflight(params)  # a bad callable or an unreachable MLflow store fails before any work

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.layout import Layout
 from tasks.params import PipelineParams
 
+logger = logging.getLogger(__name__)
 _LOCKS: dict[str, FileLock] = {}  # one reentrant lock object per path in this process
 
 
@@ -40,7 +42,7 @@ def output_lock(params: PipelineParams) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = _LOCKS.setdefault(str(path.resolve()), FileLock(str(path)))
     try:
-        lock.acquire(timeout=params.runtime.lock_timeout)
+        _acquire_saying_so(lock, path, params.runtime.lock_timeout)
     except Timeout:
         raise OutputsBusyError(f"another pipeline run holds {path} (waited "
                            f"{params.runtime.lock_timeout:g} s); wait for it to finish or use "
@@ -49,6 +51,18 @@ def output_lock(params: PipelineParams) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def _acquire_saying_so(lock: FileLock, path: Path, timeout: float) -> None:
+    """Take ``lock``; when another run holds it, say so once, then wait up to ``timeout``."""
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if timeout <= 0:
+            raise
+        logger.warning("another pipeline run holds %s: waiting up to %g s for it to finish "
+                       "(runtime.lock_timeout)", path, timeout)
+        lock.acquire(timeout=timeout)
 
 
 def lock_path(params: PipelineParams) -> Path:

@@ -31,7 +31,7 @@ def scheduled_params(params_file: str, overrides: list[str] | None = None):
     return anchored(load_params(path, overrides or ()), path.resolve().parent)
 
 
-@flow(name=DEPLOYMENT_FLOW)
+@flow(persist_result=False, name=DEPLOYMENT_FLOW)
 def nightly_pipeline(params_file: str, overrides: list[str] | None = None) -> dict:
     """The whole pipeline with the params file read at run time; returns the metrics."""
     # Imported at run time: the runner ships this function by value, and a flow shipped

@@ -14,18 +14,14 @@ from prefect.artifacts import (
 from tqdm.auto import tqdm
 
 from flows.runtime import output_lock
-from tasks.activation_cache import cache_layer_activations
+from tasks.activation_cache import cache_layer_activations, remove_layer_cache
 from tasks.artifacts import Artifact, LayerResult
 from tasks.calibration import calibrate
 from tasks.data import prepare_data
 from tasks.evaluation import evaluate_models
-from tasks.layer_adaround import (
-    adaround_layer,
-    assemble_checkpoint,
-    finished_result,
-    remove_partial_results,
-)
+from tasks.layer_adaround import adaround_layer, assemble_checkpoint
 from tasks.layer_jobs import LayerJob
+from tasks.layer_results import finished_result, remove_partial_results
 from tasks.layout import Layout, existing
 from tasks.params import PipelineParams
 from tasks.planning import plan_layers
@@ -34,14 +30,15 @@ from tasks.reporting import write_layer_outputs, write_metrics
 from tasks.training import train_float_model
 
 
-@flow(name="data")
+@flow(persist_result=False, name="data")
 def data_flow(params: PipelineParams) -> Artifact:
     """Build the dataset file."""
+    preflight(params, "data")
     with output_lock(params):
         return prepare_data(params, str(Layout(params).dataset))
 
 
-@flow(name="train")
+@flow(persist_result=False, name="train")
 def train_flow(params: PipelineParams) -> Artifact:
     """Train (or load) the float model."""
     layout = Layout(params)
@@ -51,7 +48,7 @@ def train_flow(params: PipelineParams) -> Artifact:
         return train_float_model(params, dataset, str(layout.float_checkpoint))
 
 
-@flow(name="calibrate")
+@flow(persist_result=False, name="calibrate")
 def calibrate_flow(params: PipelineParams) -> Artifact:
     """Baseline calibration (nearest rounding)."""
     layout = Layout(params)
@@ -73,12 +70,16 @@ def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifa
         job = LayerJob(params, dataset, float_model, calibrated, name, plan.calls[name],
                        tuple(results))
         result = finished_result(job)  # resuming: no task, no activation cache needed
-        results.append(result or adaround_layer(job, cache_layer_activations(job)))
+        if result is None:
+            result = adaround_layer(job, cache_layer_activations(job))
+            if not params.runtime.keep_cache:
+                remove_layer_cache(job)  # resume needs only the finished result
+        results.append(result)
         update_progress_artifact(progress_id, 100.0 * (i + 1) / len(plan.names))
     return results
 
 
-@flow(name="adaround")
+@flow(persist_result=False, name="adaround")
 def adaround_flow(params: PipelineParams) -> Artifact:
     """Round every layer (resuming finished ones), then assemble the rounded checkpoint."""
     layout = Layout(params)
@@ -98,7 +99,7 @@ def adaround_flow(params: PipelineParams) -> Artifact:
                                    str(layout.adaround_checkpoint))
 
 
-@flow(name="evaluate")
+@flow(persist_result=False, name="evaluate")
 def evaluate_flow(params: PipelineParams) -> dict[str, float]:
     """Score float / baseline / AdaRound, write the metrics file, record the run in MLflow."""
     layout = Layout(params)

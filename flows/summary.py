@@ -14,6 +14,13 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def format_stage_result(stage: str, result) -> str:
+    """The short summary a stage prints: the metrics table, or the file it wrote."""
+    if stage in ("evaluate", "run"):
+        return format_metrics(result)
+    return f"{stage}: wrote {result.path}"
+
+
 def show_metrics(params) -> str:
     """The table of the metrics file of ``params``' results directory."""
     from tasks.io import read_json

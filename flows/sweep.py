@@ -79,7 +79,8 @@ def make_variants(base: PipelineParams, specs: list[str], root: Path) -> list[Va
     return variants
 
 
-@task(name="pipeline-variant", task_run_name="variant-{name}", cache_policy=NO_CACHE)
+@task(name="pipeline-variant", task_run_name="variant-{name}", cache_policy=NO_CACHE,
+      persist_result=False)
 def run_variant(name: str, params: PipelineParams) -> dict:
     """The whole pipeline for one variant (a subflow run); returns its metrics."""
     # Imported here, on the worker: Dask ships this function by value, and a flow shipped
@@ -107,7 +108,7 @@ def _summary_rows(variants: list[Variant], metrics: dict[str, dict]) -> list[dic
     return rows
 
 
-@flow(name="adaround-sweep")
+@flow(persist_result=False, name="adaround-sweep")
 def sweep_flow(params: PipelineParams, specs: list[str]) -> dict[str, dict]:
     """Run every variant at once on this flow's task runner; write
     ``<results_dir>/sweep/summary.json`` and a table artifact; fail if any variant failed."""

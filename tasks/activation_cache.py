@@ -7,9 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from adaround_core.calibration.layer_capture import iter_layer_io
 from adaround_core.calibration.sample_store import (
     CorruptCacheError,
@@ -18,12 +15,10 @@ from adaround_core.calibration.sample_store import (
 )
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact
+from tasks.failures import disk_problem, pipeline_task
 from tasks.layer_jobs import LayerJob
 from tasks.model_state import calibration_inputs, layer_models
 from tasks.run_logging import run_logger
-
-_DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-                errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is exceeded"}
 
 
 def _valid_cache(directory: Path) -> bool:
@@ -84,14 +79,15 @@ def _write_cache(job: LayerJob, directory: Path) -> int:
         _publish(tmp, directory)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = _DISK_ERRORS.get(err.errno, err.strerror or str(err))
-        raise OSError(err.errno, f"cannot write the activation cache under "
-                                 f"{directory.parent}: {reason}; free space or point "
-                                 f"runtime.cache_dir elsewhere") from err
+        problem = disk_problem(err, directory.parent, "runtime.cache_dir",
+                               "the activation cache")
+        if problem is None:
+            raise
+        raise problem from None
     return rows
 
 
-@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+@pipeline_task(retries=2, retry_delay_seconds=1)
 def cache_layer_activations(job: LayerJob) -> Artifact:
     """Make sure the layer's activation cache exists and is intact; return its directory."""
     directory = job.cache_dir()
@@ -101,3 +97,9 @@ def cache_layer_activations(job: LayerJob) -> Artifact:
         rows = _write_cache(job, directory)
         run_logger(__name__).info("%s: cached %d samples in %s", job.name, rows, directory)
     return Artifact(str(directory), job.cache_key)
+
+
+def remove_layer_cache(job: LayerJob) -> None:
+    """Delete the layer's activation cache (its result is written; ``runtime.keep_cache``
+    keeps it for runs that change only AdaRound settings)."""
+    shutil.rmtree(job.cache_dir(), ignore_errors=True)

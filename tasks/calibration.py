@@ -5,19 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from adaround_core.quant.fake_quantize import FakeQuantState, set_fake_quantize
 from adaround_core.quant.prepare import prepare_qat_fx
 from tasks.artifacts import Artifact
+from tasks.failures import pipeline_task
 from tasks.io import load_tensors, save_tensors
 from tasks.model_state import calibration_batches, load_float_model
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
 
-@task(retries=1, cache_policy=NO_CACHE)
+@pipeline_task(retries=1)
 def calibrate(params: PipelineParams, dataset: Artifact, float_model: Artifact,
               out: str) -> Artifact:
     """Prepare, calibrate and save the fake-quant model (nearest rounding) to ``out``."""

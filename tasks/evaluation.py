@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks.artifacts import Artifact
+from tasks.failures import pipeline_task
 from tasks.io import import_object, load_tensors
 from tasks.model_state import calibrated_model, compute_device, load_float_model
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
 
-@task(retries=1, cache_policy=NO_CACHE)
+@pipeline_task(retries=1)
 def evaluate_models(params: PipelineParams, dataset: Artifact, float_model: Artifact,
                     calibrated: Artifact, rounded: Artifact) -> dict[str, float]:
     """``eval.metric`` of each model on the test split, and the AdaRound - baseline delta."""

@@ -2,55 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from safetensors import safe_open
 
 from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.quant.quant_layers import quant_layers
 from adaround_core.reconstruction.layer_reconstruction import layer_generator, reconstruct_layer
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact, LayerResult
-from tasks.io import save_tensors, tensor_digest
+from tasks.failures import pipeline_task
+from tasks.io import save_tensors
 from tasks.layer_jobs import LayerJob
+from tasks.layer_results import finished_result, write_result
 from tasks.model_state import calibrated_model
 from tasks.params import PipelineParams
-from tasks.run_logging import run_logger
-
-
-def read_result(path: Path, name: str) -> LayerResult:
-    """A finished layer result (written atomically, so present means complete)."""
-    with safe_open(str(path), framework="pt") as f:
-        report = json.loads(f.metadata()["report"])
-        weight = f.get_tensor("weight")
-    return LayerResult(name, str(path), tensor_digest(weight), report, reused=True)
-
-
-def finished_result(job: LayerJob) -> LayerResult | None:
-    """The job's result from an earlier run, or None: a resumed run skips the layer
-    (and its activation cache) entirely."""
-    path = job.result_path()
-    if not path.exists():
-        return None
-    run_logger(__name__).info("%s: result reused (%s)", job.name, path.name)
-    return read_result(path, job.name)
-
-
-def remove_partial_results(params: PipelineParams) -> int:
-    """Delete temporary files a killed run left in ``results/layers`` (call under the
-    output lock: no other run writes there); returns how many were removed."""
-    removed = 0
-    for tmp in (Path(params.runtime.results_dir) / "layers").glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed += 1
-    if removed:
-        run_logger(__name__).info("removed %d partial result files of an interrupted run",
-                                  removed)
-    return removed
 
 
 def _round(job: LayerJob, cache: Artifact) -> dict:
@@ -67,7 +32,7 @@ def _round(job: LayerJob, cache: Artifact) -> dict:
     return {"weight": layer.weight.detach(), "report": asdict(report)}
 
 
-@task(retries=1, cache_policy=NO_CACHE)
+@pipeline_task(retries=1)
 def adaround_layer(job: LayerJob, cache: Artifact) -> LayerResult:
     """Round one layer (or reuse its finished result) and save the rounded weight.
 
@@ -78,13 +43,10 @@ def adaround_layer(job: LayerJob, cache: Artifact) -> LayerResult:
     if reused is not None:
         return reused
     outcome = _round(job, cache)
-    save_tensors(job.result_path(), {"weight": outcome["weight"]},
-                 metadata={"report": json.dumps(outcome["report"]), "key": job.result_key})
-    return LayerResult(job.name, str(job.result_path()), tensor_digest(outcome["weight"]),
-                       outcome["report"])
+    return write_result(job, outcome["weight"], outcome["report"])
 
 
-@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+@pipeline_task(retries=2, retry_delay_seconds=1)
 def assemble_checkpoint(params: PipelineParams, dataset: Artifact, float_model: Artifact,
                         calibrated: Artifact, results: list[LayerResult], out: str) -> Artifact:
     """The calibrated model with every rounded layer written in, saved to ``out``."""

@@ -48,6 +48,12 @@ class Layout:
         return self._in(self.params.runtime.results_dir, "layer_errors.csv")
 
     @property
+    def check_stamp(self) -> Path:
+        """Written by ``python -m flows check`` (the first DVC stage) when everything passed;
+        its bytes never change, so it triggers no later stage."""
+        return self._in(self.params.runtime.results_dir, "params_checked.json")
+
+    @property
     def lock(self) -> Path:
         return self._in(self.params.runtime.results_dir, ".pipeline.lock")
 

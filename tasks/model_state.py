@@ -41,7 +41,7 @@ def build_float_model(params: PipelineParams) -> nn.Module:
     factory = import_object(params.model.factory)
     model = factory(**params.model.kwargs)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model.factory {params.model.factory!r} returned "
+        raise ValueError(f"model.factory {params.model.factory!r} returned "
                         f"{type(model).__name__}, not a torch.nn.Module")
     return model
 

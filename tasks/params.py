@@ -78,6 +78,7 @@ class RuntimeParams(_Section):
     results_dir: str = "results"
     cache_dir: str = "cache"
     lock_timeout: float = Field(60.0, ge=0)  # seconds to wait for another run on these dirs
+    keep_cache: bool = False  # keep each layer's activation cache after its result is written
     device: str = "cpu"  # calibration, activation caching, AdaRound, evaluation: cpu | cuda[:N] | auto
 
     @field_validator("device")
@@ -152,14 +153,34 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a params mapping."""
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
         *parents, leaf = key.split(".")
         node = raw
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ValueError(f"override {item!r}: {where} is a value, not a section; "
+                                 f"write {where}=VALUE")
+        node[leaf] = _yaml_value(item, value)
     return raw
+
+
+def _yaml_value(item: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {item!r}: the value is not valid YAML "
+                         f"({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"{where}{problem}"
 
 
 def with_overrides(params: PipelineParams, overrides: list[str]) -> PipelineParams:
@@ -169,10 +190,29 @@ def with_overrides(params: PipelineParams, overrides: list[str]) -> PipelinePara
     return parse_params(apply_overrides(params.model_dump(mode="json"), list(overrides)))
 
 
+def read_params_file(path: Path) -> dict[str, Any]:
+    """The mapping in ``path``: a missing, unreadable, empty or non-mapping file is an error
+    naming the file (never a silent fall-back to built-in defaults)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML ({_yaml_problem(err)}); fix the file "
+                         f"(`git diff {path.name}` shows what changed)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} cannot be read: {err}") from None
+    if raw is None or raw == {}:
+        raise ValueError(f"{path} is empty; it must hold the pipeline's sections "
+                         f"({', '.join(PipelineParams.model_fields)}); restore it, e.g. "
+                         f"`git checkout {path.name}`")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a mapping of sections "
+                         f"({', '.join(PipelineParams.model_fields)})")
+    return raw
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS,
                 overrides: list[str] | tuple[str, ...] = ()) -> PipelineParams:
     """Read and validate ``params.yaml``, then apply and validate the ``-S`` overrides."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"params file {path} does not exist")
-    return with_overrides(parse_params(yaml.safe_load(path.read_text())), list(overrides))
+    return with_overrides(parse_params(read_params_file(Path(path))), list(overrides))

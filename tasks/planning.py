@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from adaround_core.reconstruction.weight_reconstruction import rounding_order
 from tasks.artifacts import Artifact, LayerPlan
+from tasks.failures import pipeline_task
 from tasks.model_state import calibrated_model, calibration_inputs
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
 
-@task(retries=1, cache_policy=NO_CACHE)
+@pipeline_task(retries=1)
 def plan_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact,
                 calibrated: Artifact) -> LayerPlan:
     """Layers in first-call order, minus ``adaround.exclude_prefix``."""

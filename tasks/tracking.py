@@ -20,9 +20,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
+from tasks.failures import pipeline_task
 from tasks.io import read_json
 from tasks.layout import Layout
 from tasks.params import PipelineParams, PreflightError
@@ -262,4 +261,4 @@ def log_pipeline_run(params: PipelineParams, layout: Layout, metrics: dict) -> s
     return run_id
 
 
-record_pipeline_run = task(name="mlflow-record-run", cache_policy=NO_CACHE)(log_pipeline_run)
+record_pipeline_run = pipeline_task(name="mlflow-record-run")(log_pipeline_run)

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from torch import nn
 
 from tasks.artifacts import Artifact
+from tasks.failures import pipeline_task
 from tasks.io import import_object, load_tensors, save_tensors
 from tasks.model_state import build_float_model
 from tasks.params import PipelineParams
@@ -29,12 +28,12 @@ def train(params: PipelineParams, model: nn.Module, dataset: dict[str, torch.Ten
     trained = import_object(trainer)(model, dataset, seed=params.runtime.seed,
                                      **params.train.kwargs)
     if not isinstance(trained, nn.Module):
-        raise TypeError(f"train.trainer {trainer!r} returned {type(trained).__name__}, not the "
+        raise ValueError(f"train.trainer {trainer!r} returned {type(trained).__name__}, not the "
                         f"trained torch.nn.Module")
     return trained
 
 
-@task(retries=1, cache_policy=NO_CACHE)
+@pipeline_task(retries=1)
 def train_float_model(params: PipelineParams, dataset: Artifact, out: str) -> Artifact:
     """Save the float model's state_dict to ``out``."""
     torch.manual_seed(params.runtime.seed)

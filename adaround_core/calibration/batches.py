@@ -75,6 +75,9 @@ class CalibrationBatches:
         self._device = device
         self._num_batches = num_batches
         self._expected: int | None = None
+        if isinstance(batches, torch.Tensor):
+            raise TypeError(f"batches is one tensor of shape {tuple(batches.shape)}; pass a "
+                            f"list of batches (e.g. list(x.split(32))) or a DataLoader")
         if isinstance(batches, (list, tuple)):
             if len(batches) == 0:
                 raise ValueError("batches is empty: give at least one calibration batch")

@@ -138,3 +138,8 @@ def test_check_all_reads_every_streamed_batch_once():
     data = CalibrationBatches(DataLoader(TensorDataset(bad)), lambda b: b[0], CPU, 10)
     with pytest.raises(ValueError, match="batch 2"):
         data.check_all()
+
+
+def test_a_single_tensor_is_rejected_with_the_fix():
+    with pytest.raises(TypeError, match=r"one tensor of shape \(8, 3\); pass a list of batches"):
+        CalibrationBatches(torch.zeros(8, 3), None, torch.device("cpu"), 10)

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -30,6 +31,7 @@ TINY_PARAMS = {
     "calibration": {"batch_size": 16, "num_samples": 64},
     "adaround": {"num_steps": 20, "progress": False},
     "tracking": {"enabled": False, "experiment": "tiny"},
+    "runtime": {"keep_cache": True},  # the cache tests look at caches after a run
 }
 
 
@@ -71,11 +73,21 @@ def prefect_server(tmp_path_factory) -> str:
         log.close()
 
 
+# One temporary-server database for the suite's commands (each test project would
+# otherwise get its own under .prefect/ and migrate it, ~10 s a command); a test that
+# sets PREFECT_HOME gets Prefect's own behaviour instead.
+TEST_PREFECT_DB = Path(tempfile.gettempdir()) / "adaround-tests" / "prefect.db"
+
+
 def subprocess_env(prefect_api_url: str | None = None, **extra: str) -> dict[str, str]:
     """Environment for ``python -m flows`` / ``dvc`` subprocesses of the tests."""
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
            "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
+    if "PREFECT_HOME" not in extra:
+        TEST_PREFECT_DB.parent.mkdir(parents=True, exist_ok=True)
+        env.setdefault("PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                       f"sqlite+aiosqlite:///{TEST_PREFECT_DB}")
     if prefect_api_url:
         env["PREFECT_API_URL"] = prefect_api_url
     return env
@@ -142,9 +154,12 @@ class PipelineHelpers:
 
     @staticmethod
     def run_flows(directory: Path, *args: str, api_url: str | None, timeout: float = 300,
-                  check: bool = True, **env: str) -> subprocess.CompletedProcess:
-        """``python -m flows ARGS`` in ``directory``; stdout and stderr together as ``stdout``."""
-        proc = subprocess.run([sys.executable, "-m", "flows", *args], cwd=directory,
+                  check: bool = True, verbose: bool = True,
+                  **env: str) -> subprocess.CompletedProcess:
+        """``python -m flows ARGS`` (with ``-v``: every log line) in ``directory``; stdout and
+        stderr together as ``stdout``."""
+        verbosity = ["-v"] if verbose else []
+        proc = subprocess.run([sys.executable, "-m", "flows", *args, *verbosity], cwd=directory,
                               env=subprocess_env(api_url, PYTHONPATH=str(REPO), **env),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=timeout)

@@ -60,13 +60,14 @@ def test_a_stage_without_a_server_uses_a_temporary_one_and_leaves_none(tmp_path,
     write_params(tmp_path)
     env = subprocess_env(PREFECT_HOME=str(prefect_home))
     env.pop("PREFECT_API_URL", None)
-    proc = run_cmd([sys.executable, "-m", "flows", "data"], tmp_path, env, timeout=300)
+    proc = run_cmd([sys.executable, "-m", "flows", "data", "-v"], tmp_path, env, timeout=300)
     assert "temporary API server on http://127.0.0.1:" in proc.stdout
     port = proc.stdout.split("temporary API server on http://127.0.0.1:")[1].split("/")[0]
     assert "Error logging to API" not in proc.stdout, proc.stdout[-2000:]
     assert not [pid for pid in _server_pids(port) if _alive(pid)]
     # the run and its logs reached the server before it stopped
-    with sqlite3.connect(prefect_home / "prefect.db") as db:
+    assert not (prefect_home / "prefect.db").exists()  # the server's state: in the project
+    with sqlite3.connect(tmp_path / ".prefect" / "prefect.db") as db:
         states = db.execute("SELECT state_type FROM flow_run WHERE name IS NOT NULL AND "
                             "flow_id IN (SELECT id FROM flow WHERE name = 'data')").fetchall()
         logs = db.execute("SELECT count(*) FROM log").fetchone()[0]

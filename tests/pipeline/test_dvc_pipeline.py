@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import VENV_BIN, copy_project, project_env, run_cmd
+from conftest import REPO, VENV_BIN, copy_project, project_env, run_cmd
 from mlflow import MlflowClient
 
 from flows.__main__ import cli
 from tasks.tracking import PARENT_ROLE, ROLE_TAG
 
-STAGES = ["data", "train", "calibrate", "adaround", "evaluate"]
+STAGES = ["check", "data", "train", "calibrate", "adaround", "evaluate"]
 TINY_STEPS, NEW_STEPS = 20, 30
 
 
@@ -92,8 +92,8 @@ def test_first_repro_recorded_one_parent_and_three_child_runs(dvc_project):
 
 def test_changing_num_steps_reruns_only_adaround_and_evaluate(experiment):
     _, output, _, _ = experiment
-    assert _ran(output) == ["adaround", "evaluate"]
-    assert all(f"Stage '{stage}' didn't change" in output for stage in STAGES[:3])
+    assert _ran(output) == ["check", "adaround", "evaluate"]
+    assert all(f"Stage '{stage}' didn't change" in output for stage in STAGES[1:4])
 
 
 def test_exp_show_lists_the_experiment_with_its_metrics(experiment):
@@ -131,3 +131,73 @@ def test_plots_show_renders_the_per_layer_errors(dvc_project, tmp_path):
             project_env())
     html = (tmp_path / "plots" / "index.html").read_text()
     assert "nearest_mse" in html and "adaround_mse" in html
+
+
+KEPT = ("checkpoints/float.safetensors", "checkpoints/calibrated.safetensors",
+        "checkpoints/adaround.safetensors", "results/adaround_report.json",
+        "results/layer_errors.csv", "results/metrics.json")
+
+
+def _outputs(project: Path) -> dict[str, bytes]:
+    return {path: (project / path).read_bytes() for path in KEPT}
+
+
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.parametrize("how", ["exp run -S", "params.yaml"])
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("adaround.num_steps", "abc", "params.yaml: adaround.num_steps: "),
+    ("quant.weight_bits", "9", "params.yaml: quant.weight_bits: "),
+])
+def test_a_bad_setting_under_dvc_keeps_every_earlier_output(dvc_project, tmp_path, how, key,
+                                                            value, message):
+    project = copy_project(dvc_project[0], tmp_path / "project")
+    before, env = _outputs(project), project_env()
+    if how == "params.yaml":
+        section, name = key.split(".")
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params[section][name] = yaml.safe_load(value)
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        cmd = [f"{VENV_BIN}/dvc", "repro"]
+    else:
+        cmd = [f"{VENV_BIN}/dvc", "exp", "run", "-S", f"{key}={value}"]
+    proc = run_cmd(cmd, project, env, check=False, timeout=300)
+    assert proc.returncode != 0
+    (line,) = _error_lines(proc.stdout)
+    assert message in line and "checked before any stage ran: no output was touched" in line
+    assert _ran(proc.stdout) == ["check"]
+    assert _outputs(project) == before
+
+
+def test_a_stage_failing_under_dvc_says_how_to_restore_its_outputs(dvc_project, tmp_path):
+    project = copy_project(dvc_project[0], tmp_path / "project")
+    before, env = _outputs(project), project_env()
+    proc = run_cmd([f"{VENV_BIN}/dvc", "exp", "run", "-S", "adaround.exclude_prefix=[conv,fc,head]"],
+                   project, env, check=False, timeout=300)
+    assert proc.returncode != 0 and _ran(proc.stdout) == ["check", "adaround"]
+    (line,) = _error_lines(proc.stdout)
+    assert "no Conv/Linear layer left after exclude_prefix" in line
+    assert "`dvc checkout adaround` brings back the previous ones" in line
+    assert not (project / "checkpoints" / "adaround.safetensors").exists()  # DVC removed it
+    run_cmd(["git", "checkout", "--", "params.yaml", "results"], project, env)  # git's files
+    run_cmd([f"{VENV_BIN}/dvc", "checkout", "adaround"], project, env)  # DVC's
+    assert _outputs(project) == before
+
+
+def test_the_committed_dvc_lock_matches_the_committed_code(tmp_path):
+    """In a clone of the last commit, no code or params dependency differs from dvc.lock
+    (outputs are absent there: DVC data is not in git)."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    env = project_env()
+    run_cmd(["git", "clone", "-q", str(REPO), str(clone)], tmp_path, env)
+    tracked = set(run_cmd(["git", "ls-files"], clone, env).stdout.split())
+    status = json.loads(run_cmd([f"{VENV_BIN}/dvc", "status", "--json"], clone, env).stdout)
+    stale = sorted(f"{stage}: {path} {state}" for stage, entries in status.items()
+                   for entry in entries if isinstance(entry, dict)
+                   for path, state in entry.get("changed deps", {}).items()
+                   if path in tracked)
+    assert not stale, f"dvc.lock does not match the code: run `make demo`, commit dvc.lock: {stale}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -123,7 +125,7 @@ def test_full_disk_fails_the_flow_cleanly_and_a_rerun_recovers(
     monkeypatch.setattr(sample_store, "write_shard", write_shard)
     with pytest.raises(OSError, match="the disk is full"):
         adaround_flow(params)
-    assert calls["n"] == 3  # the I/O task was retried twice
+    assert calls["n"] == 1  # a full disk is not retried: only the user can fix it
     assert [f.split("--")[0] for f in pipe.result_files(project)] == ["conv1", "conv2"]
     monkeypatch.undo()
     state = adaround_flow(params, return_state=True)
@@ -173,6 +175,8 @@ def test_second_run_fails_clearly_while_the_first_holds_the_lock(project, prefec
         proc = pipe.run_flows(project, "adaround", "-S", "runtime.lock_timeout=1",
                               api_url=prefect_server, check=False)
     assert proc.returncode == 75, proc.stdout[-3000:]  # EX_TEMPFAIL: try again later
+    waiting = [line for line in proc.stdout.splitlines() if "waiting up to 1 s" in line]
+    assert len(waiting) == 1 and ".pipeline.lock" in waiting[0]  # said once, while waiting
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("error: another pipeline run holds") and ".pipeline.lock" in last
     assert pipe.result_files(project) == []
@@ -193,3 +197,77 @@ def test_two_runs_at_once_one_waits_neither_corrupts_the_other(project, prefect_
     assert all(torch.equal(pipeline_state[k], library_state[k]) for k in library_state)
     for cache in (project / "cache" / "activations").iterdir():
         read_manifest(cache, verify=True)
+
+
+# --- a damaged or foreign layer result is recomputed, never trusted ----------------------
+
+@pytest.fixture(scope="module")
+def rounded(prefect_harness, tmp_path_factory, tiny_checkpoints, pipe) -> Path:
+    """A project whose adaround stage has run once, uninterrupted (copied by each test)."""
+    root = pipe.project(tmp_path_factory.mktemp("rounded") / "p", tiny_checkpoints)
+    assert adaround_flow(pipe.params(root), return_state=True).is_completed()
+    return root
+
+
+def _flip_data_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(1, 5):  # the last bytes of the file are the weight's data
+        data[-i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    from safetensors.torch import load_file
+
+    assert load_file(str(path))["weight"].numel()  # still opens: only the digest tells
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _rekey(path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        weight, metadata = f.get_tensor("weight"), f.metadata()
+    save_file({"weight": weight}, str(path), metadata={**metadata, "key": "0" * 64})
+
+
+def _without_digest(path: Path) -> None:  # a result written before digests were stored
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        weight, metadata = f.get_tensor("weight"), f.metadata()
+    del metadata["weight_sha256"]
+    save_file({"weight": weight}, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (_flip_data_bytes, "the weight's SHA-256 differs from the stored one"),
+    (_truncate, "unreadable: "),
+    (_rekey, "its key 000000000000000000000000... is not the job's"),
+    (_without_digest, "metadata lacks weight_sha256")],
+    ids=["flipped", "truncated", "rekeyed", "old-format"])
+def test_invalid_result_is_deleted_recomputed_and_the_checkpoint_unchanged(
+        rounded, tmp_path, pipe, caplog, damage, reason):
+    project = Path(shutil.copytree(rounded, tmp_path / "p"))
+    layers = project / "results" / "layers"
+    names = pipe.result_files(project)
+    victim = layers / next(n for n in names if n.startswith("conv2--"))
+    weight = load_tensors(victim)["weight"].clone()  # not a view of the mapped file
+    stamps = {n: (layers / n).stat().st_mtime_ns for n in names}
+    checkpoint = project / "checkpoints" / "adaround.safetensors"
+    expected = checkpoint.read_bytes()
+    damage(victim)
+    damaged = victim.read_bytes()
+    with caplog.at_level(logging.WARNING):
+        assert adaround_flow(pipe.params(project), return_state=True).is_completed()
+    naming = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and victim.name in r.getMessage()]
+    assert len(naming) == 1, naming
+    assert f"result {victim} is invalid ({reason}" in naming[0]
+    assert pipe.result_files(project) == names  # recomputed under the same name
+    assert victim.read_bytes() != damaged
+    assert torch.equal(load_tensors(victim)["weight"], weight)
+    assert {n for n in names if (layers / n).stat().st_mtime_ns != stamps[n]} == {victim.name}
+    assert checkpoint.read_bytes() == expected  # later layers reused, bytes as uninterrupted

@@ -61,7 +61,7 @@ def test_prepare_data_writes_the_data_contract(tmp_path, params):
     assert artifact.digest == file_digest(artifact.file)
     with pytest.raises(ValueError, match="calib_x"):
         validate_dataset({"train_x": torch.zeros(1)}, "pkg:fn")
-    with pytest.raises(TypeError, match="not a dict"):
+    with pytest.raises(ValueError, match="not a dict"):
         validate_dataset([1, 2], "pkg:fn")
 
 
@@ -227,7 +227,7 @@ def test_training_is_the_pluggable_trainer(tmp_path, params, inputs):
 
     not_a_model = params.model_copy(update={"train": train.model_copy(
         update={"trainer": "test_tasks:trainer_returning_a_dict", "kwargs": {}})})
-    with pytest.raises(TypeError, match=r"train.trainer 'test_tasks:trainer_returning_a_dict' "
+    with pytest.raises(ValueError, match=r"train.trainer 'test_tasks:trainer_returning_a_dict' "
                                         r"returned dict"):
         train_float_model.fn(not_a_model, dataset, str(tmp_path / "other.safetensors"))
     assert not (tmp_path / "other.safetensors").exists()
