@@ -27,6 +27,8 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in OUR_PACKAGES:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    # MLflow configures its own loggers when imported (later, and only when tracking is on)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
 
 
 def show_prefect_runs(show: bool) -> None:
