@@ -11,7 +11,7 @@ from pathlib import Path
 import adaround_core
 
 TRACKED_PACKAGES = ("torch", "numpy", "prefect", "mlflow", "dvc", "safetensors", "pydantic")
-NOT_ENGINE = ("demo",)  # subpackages of adaround_core that round nothing (the examples)
+NOT_ENGINE = ("demo", "export")  # subpackages of adaround_core that round nothing
 
 
 @functools.cache

@@ -122,6 +122,12 @@ class Helpers:
         return float_model, q, batches
 
     @staticmethod
+    def mlp() -> nn.Module:
+        """A TinyMLP with seeded weights, in eval mode."""
+        torch.manual_seed(0)
+        return TinyMLP().eval()
+
+    @staticmethod
     def calibrated_mlp(num_batches: int = 4, batch: int = 8, **prepare_kwargs):
         torch.manual_seed(0)
         float_model = TinyMLP().eval()

@@ -32,6 +32,8 @@ def test_the_repository_keeps_every_contract():
     ("tasks/io.py", "import flows.runtime", "Pipeline layers"),
     ("adaround_core/calibration/batches.py", "import adaround_core.reconstruction.threads",
      "Engine subpackages"),
+    ("adaround_core/export/encodings.py", "import adaround_core.reconstruction.report",
+     "Engine subpackages"),
     ("flows/sweep.py", "from flows import __main__", "No import cycles"),
     ("tasks/params.py", "import tasks.tracking", "No import cycles"),
 ])

@@ -1,0 +1,2 @@
+"""Export of a calibrated, rounded model: ONNX in QDQ form, AIMET-style encodings, and the
+integer weights with their scales as safetensors."""
