@@ -25,7 +25,7 @@ from flows.console import (
 from flows.environment import apply_process_defaults
 from flows.summary import format_stage_result
 
-STAGE_NAMES = ["data", "train", "calibrate", "adaround", "evaluate", "run"]
+STAGE_NAMES = ["data", "train", "calibrate", "adaround", "export", "evaluate", "run"]
 # no flow run, no Prefect server: validate everything / metrics of the last run / the last
 # MLflow runs / remove caches and results the current params cannot reach
 LOCAL_COMMANDS = ["check", "show", "compare", "gc"]

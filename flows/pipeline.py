@@ -5,7 +5,14 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.runtime import make_task_runner, output_lock
-from flows.stages import adaround_flow, calibrate_flow, data_flow, evaluate_flow, train_flow
+from flows.stages import (
+    adaround_flow,
+    calibrate_flow,
+    data_flow,
+    evaluate_flow,
+    export_flow,
+    train_flow,
+)
 from tasks.params import PipelineParams
 from tasks.preflight import preflight
 
@@ -14,6 +21,7 @@ STAGES = {
     "train": train_flow,
     "calibrate": calibrate_flow,
     "adaround": adaround_flow,
+    "export": export_flow,
     "evaluate": evaluate_flow,
 }
 
@@ -23,7 +31,7 @@ def pipeline_flow(params: PipelineParams) -> dict:
     """Run every stage in order in one process; returns the metrics."""
     preflight(params)  # a bad callable or an unreachable MLflow store fails before any work
     with output_lock(params):
-        for stage in ("data", "train", "calibrate", "adaround"):
+        for stage in ("data", "train", "calibrate", "adaround", "export"):
             STAGES[stage](params)
         return evaluate_flow(params)
 

@@ -19,10 +19,12 @@ from tasks.artifacts import Artifact, LayerResult
 from tasks.calibration import calibrate
 from tasks.data import prepare_data
 from tasks.evaluation import evaluate_models
+from tasks.export import export_model
 from tasks.layer_adaround import adaround_layer, assemble_checkpoint
 from tasks.layer_jobs import LayerJob
 from tasks.layer_results import finished_result, remove_partial_results
 from tasks.layout import Layout, existing
+from tasks.onnx_evaluation import evaluate_onnx
 from tasks.params import PipelineParams
 from tasks.planning import plan_layers
 from tasks.preflight import preflight
@@ -99,17 +101,32 @@ def adaround_flow(params: PipelineParams) -> Artifact:
                                    str(layout.adaround_checkpoint))
 
 
+@flow(persist_result=False, name="export")
+def export_flow(params: PipelineParams) -> Artifact:
+    """The AdaRound model as ONNX QDQ, encodings and integer weights."""
+    layout = Layout(params)
+    preflight(params, "export")
+    with output_lock(params):
+        return export_model(params, existing(layout.dataset, "data"),
+                            existing(layout.float_checkpoint, "train"),
+                            existing(layout.adaround_checkpoint, "adaround"))
+
+
 @flow(persist_result=False, name="evaluate")
 def evaluate_flow(params: PipelineParams) -> dict[str, float]:
-    """Score float / baseline / AdaRound, write the metrics file, record the run in MLflow."""
+    """Score float / baseline / AdaRound and the exported model in ONNX Runtime, write the
+    metrics file, record the run in MLflow."""
     layout = Layout(params)
     preflight(params, "evaluate")
     with output_lock(params):
-        scores = evaluate_models(params, existing(layout.dataset, "data"),
-                                 existing(layout.float_checkpoint, "train"),
-                                 existing(layout.calibrated_checkpoint, "calibrate"),
-                                 existing(layout.adaround_checkpoint, "adaround"))
-        metrics = write_metrics(layout, scores)
+        dataset = existing(layout.dataset, "data")
+        float_model = existing(layout.float_checkpoint, "train")
+        rounded = existing(layout.adaround_checkpoint, "adaround")
+        scores = evaluate_models(params, dataset, float_model,
+                                 existing(layout.calibrated_checkpoint, "calibrate"), rounded)
+        onnx = evaluate_onnx(params, dataset, float_model, rounded,
+                             existing(layout.onnx_model, "export"))
+        metrics = write_metrics(layout, scores, onnx)
         if params.tracking.enabled:
             from tasks.tracking import record_pipeline_run  # imported late: mlflow takes ~1 s
 

@@ -10,6 +10,8 @@ def format_metrics(metrics: dict) -> str:
             ("AdaRound", metrics["adaround"]["top1"])]
     lines = [f"{'model':<22}{'top-1 %':>9}"]
     lines += [f"{name:<22}{value:>9.2f}" for name, value in rows]
+    if "onnx" in metrics:
+        lines.append(f"{'AdaRound, ONNX Runtime':<22}{metrics['onnx']['top1']:>9.2f}")
     lines.append(f"{'AdaRound - baseline':<22}{metrics['delta_top1']:>+9.2f}")
     return "\n".join(lines)
 

@@ -36,6 +36,23 @@ class Layout:
         return self._in(self.params.runtime.checkpoint_dir, "adaround.safetensors")
 
     @property
+    def export_dir(self) -> Path:
+        return self._in(self.params.runtime.checkpoint_dir, "export")
+
+    @property
+    def onnx_model(self) -> Path:
+        """The exported ONNX QDQ model (with ``model.encodings`` and integer weights beside)."""
+        return self.export_dir / "model.onnx"
+
+    @property
+    def encodings(self) -> Path:
+        return self.export_dir / "model.encodings"
+
+    @property
+    def integer_weights(self) -> Path:
+        return self.export_dir / "model_int.safetensors"
+
+    @property
     def layer_report(self) -> Path:
         return self._in(self.params.runtime.results_dir, "adaround_report.json")
 

@@ -12,7 +12,7 @@ from tasks.io import import_object
 from tasks.model_state import compute_device
 from tasks.params import PipelineParams, PreflightError
 
-STAGE_ORDER = ("data", "train", "calibrate", "adaround", "evaluate")
+STAGE_ORDER = ("data", "train", "calibrate", "adaround", "export", "evaluate")
 # Each callable of the params and the last stage that calls it: a stage checks only
 # what it or a later stage will call (the adaround stage does not import the data source).
 CALLABLE_LAST_USED_BY = {"data.source": "data", "train.trainer": "train",

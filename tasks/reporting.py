@@ -24,8 +24,10 @@ def write_layer_outputs(layout: Layout, results: list[LayerResult]) -> None:
     atomic_write_bytes(layout.layer_plot, buffer.getvalue().encode())
 
 
-def write_metrics(layout: Layout, scores: dict[str, float]) -> dict:
-    """``metrics.json``: top-1 of float / baseline / AdaRound and the deltas."""
+def write_metrics(layout: Layout, scores: dict[str, float],
+                  onnx: dict[str, float] | None = None) -> dict:
+    """``metrics.json``: top-1 of float / baseline / AdaRound and the deltas, and the
+    exported model's top-1 and parity in ONNX Runtime."""
     metrics = {
         "float": {"top1": scores["float"]},
         "baseline": {"top1": scores["baseline"]},
@@ -33,5 +35,7 @@ def write_metrics(layout: Layout, scores: dict[str, float]) -> dict:
         "delta_top1": scores["adaround"] - scores["baseline"],
         "adaround_vs_float_top1": scores["adaround"] - scores["float"],
     }
+    if onnx is not None:
+        metrics["onnx"] = dict(onnx)
     write_json(layout.metrics, metrics)
     return metrics

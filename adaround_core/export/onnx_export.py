@@ -41,12 +41,13 @@ class ExportedModel:
     integer_tensors: dict[str, torch.Tensor]
 
 
-def export_quantized(model: nn.Module, example_inputs: Any,
-                     opset: int = DEFAULT_OPSET) -> ExportedModel:
+def export_quantized(model: nn.Module, example_inputs: Any, opset: int = DEFAULT_OPSET,
+                     allow_nearest: bool = False) -> ExportedModel:
     """Export ``model`` (from ``prepare_qat_fx``, calibrated and rounded by
-    ``weight_reconstruction``) for one example batch (a tensor, a tuple of positional
-    arguments or a dict of keyword arguments). The model is left as it was."""
-    layers = _checked_layers(model, opset)
+    ``weight_reconstruction``; layers it left out export their nearest rounding) for one
+    example batch (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments). The model is left as it was."""
+    layers = _checked_layers(model, opset, allow_nearest)
     example = call_args(example_inputs)
     with eval_mode(model), fake_quant_state(model, FakeQuantState.FLOAT), qdq_view(model):
         proto = _trace_to_onnx(model, example, opset)
@@ -66,7 +67,8 @@ def call_args(example_inputs: Any) -> tuple:
     return (example_inputs,)
 
 
-def _checked_layers(model: nn.Module, opset: int) -> dict[str, QuantLayerMixin]:
+def _checked_layers(model: nn.Module, opset: int,
+                    allow_nearest: bool) -> dict[str, QuantLayerMixin]:
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too low: per-channel DequantizeLinear of the int8 "
                          f"weights needs opset {MIN_OPSET} or later")
@@ -86,9 +88,13 @@ def _checked_layers(model: nn.Module, opset: int) -> dict[str, QuantLayerMixin]:
             raise ValueError(f"layer {name!r} has activations of more than "
                              f"{MAX_ACTIVATION_BITS} bits: the export carries activations in "
                              f"uint8; use activation_bits <= {MAX_ACTIVATION_BITS}")
-        if not bool(layer.weight_fake_quant.frozen):
-            raise ValueError(f"layer {name!r} was never rounded (its weight scale is not "
-                             f"frozen): run weight_reconstruction first, or exclude nothing")
+        if not layer.weight_fake_quant.has_qparams:
+            raise ValueError(f"layer {name!r} has no weight scale: calibrate the model "
+                             f"before exporting")
+    rounded = [name for name, layer in layers.items() if bool(layer.weight_fake_quant.frozen)]
+    if not allow_nearest and not rounded:
+        raise ValueError("no layer was rounded: run weight_reconstruction first, or pass "
+                         "allow_nearest=True to export nearest rounding")
     return layers
 
 

@@ -119,8 +119,10 @@ def test_bad_input_is_a_clear_error(h):
     with pytest.raises(ValueError, match="set_fake_quantize.*VALIDATION"):
         export_quantized(prepared, x)
     q.set_fake_quantize(prepared, q.FakeQuantState.VALIDATION)
-    with pytest.raises(ValueError, match="layer 'fc1' was never rounded"):
+    with pytest.raises(ValueError, match="no layer was rounded: run weight_reconstruction"):
         export_quantized(prepared, x)
+    nearest = export_quantized(prepared, x, allow_nearest=True)  # the baseline, on request
+    assert {i.name for i in nearest.onnx_model.graph.initializer} >= {"fc1.weight"}
     model, _ = _models(h, "mlp", QConfig())
     with pytest.raises(ValueError, match="opset 12 is too low"):
         export_quantized(model, x, opset=12)

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from flows.__main__ import cli
 from tasks.tracking import PARENT_ROLE, ROLE_TAG
 
-STAGES = ["check", "data", "train", "calibrate", "adaround", "evaluate"]
+STAGES = ["check", "data", "train", "calibrate", "adaround", "export", "evaluate"]
 TINY_STEPS, NEW_STEPS = 20, 30
 
 
@@ -92,7 +92,7 @@ def test_first_repro_recorded_one_parent_and_three_child_runs(dvc_project):
 
 def test_changing_num_steps_reruns_only_adaround_and_evaluate(experiment):
     _, output, _, _ = experiment
-    assert _ran(output) == ["check", "adaround", "evaluate"]
+    assert _ran(output) == ["check", "adaround", "export", "evaluate"]
     assert all(f"Stage '{stage}' didn't change" in output for stage in STAGES[1:4])
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -23,11 +26,13 @@ from tasks.activation_cache import cache_layer_activations
 from tasks.artifacts import Artifact, LayerPlan, LayerResult
 from tasks.data import prepare_data, validate_dataset
 from tasks.evaluation import evaluate_models
+from tasks.export import export_model
 from tasks.io import file_digest, load_tensors, tensor_digest
 from tasks.layer_adaround import adaround_layer, assemble_checkpoint
 from tasks.layer_jobs import LayerJob
 from tasks.layout import Layout, existing
 from tasks.model_state import calibration_inputs, layer_models
+from tasks.onnx_evaluation import ParityError, evaluate_onnx, parity
 from tasks.planning import plan_layers
 from tasks.training import train_float_model
 
@@ -231,3 +236,32 @@ def test_training_is_the_pluggable_trainer(tmp_path, params, inputs):
                                         r"returned dict"):
         train_float_model.fn(not_a_model, dataset, str(tmp_path / "other.safetensors"))
     assert not (tmp_path / "other.safetensors").exists()
+
+
+def test_export_and_onnx_runtime_evaluation(tmp_path, params, inputs, pipe):
+    dataset, float_model, calibrated = inputs
+    job = _job(params, inputs, "conv1")  # one rounded layer; the others export nearest
+    first = adaround_layer.fn(job, cache_layer_activations.fn(job))
+    rounded = assemble_checkpoint.fn(params, *inputs, [first],
+                                     str(tmp_path / "rounded.safetensors"))
+    local = params.model_copy(update={"runtime": params.runtime.model_copy(
+        update={"checkpoint_dir": str(tmp_path / "checkpoints")})})
+    onnx_file = export_model.fn(local, dataset, float_model, rounded)
+    layout = Layout(local)
+    onnx.checker.check_model(str(layout.onnx_model))
+    assert json.loads(layout.encodings.read_text())["version"] == "0.6.1"
+    assert set(load_tensors(layout.integer_weights)) >= {"conv1.weight.int", "conv1.weight.scale"}
+    scores = evaluate_onnx.fn(local, dataset, float_model, rounded, onnx_file)
+    torch_scores = evaluate_models.fn(local, dataset, float_model, calibrated, rounded)
+    assert scores["agreement"] >= 0.999
+    assert abs(scores["top1"] - torch_scores["adaround"]) <= 100 * (1 - scores["agreement"])
+
+
+def test_parity_names_the_first_disagreeing_sample():
+    expected = np.array([[1.0, 0.0]] * 999 + [[0.0, 1.0]])
+    assert parity(expected, expected.copy()) == {"agreement": 1.0, "max_abs_diff": 0.0}
+    flipped = expected.copy()
+    flipped[[3, 7]] = [[0.0, 1.0]]
+    with pytest.raises(ParityError, match=r"class 1 for evaluation sample 3 where PyTorch "
+                                          r"predicts 0; only 99.80% .*nothing was recorded"):
+        parity(expected, flipped)
