@@ -24,11 +24,14 @@ class OnnxModule(nn.Module):
     """An ONNX model in ONNX Runtime (CPU provider) behind ``nn.Module``'s call, so the
     pipeline's ``eval.metric`` scores it like any model."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, optimized: bool = True) -> None:
         super().__init__()
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if not optimized:  # ONNX's reference semantics: no fusion into integer kernels
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,9 +45,15 @@ def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
                      ).numpy()
 
 
+def agreement(expected: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Share of identical predictions and the largest output difference."""
+    return {"agreement": float((expected.argmax(1) == got.argmax(1)).mean()),
+            "max_abs_diff": float(np.abs(expected - got).max())}
+
+
 def parity(expected: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Prediction agreement and largest output difference; :class:`ParityError` naming the
-    first disagreeing sample when fewer than ``MIN_AGREEMENT`` of them agree."""
+    """:func:`agreement`, or :class:`ParityError` naming the first disagreeing sample when
+    fewer than ``MIN_AGREEMENT`` of the predictions agree."""
     same = expected.argmax(1) == got.argmax(1)
     if same.mean() < MIN_AGREEMENT:
         first = int(np.flatnonzero(~same)[0])
@@ -53,23 +62,26 @@ def parity(expected: np.ndarray, got: np.ndarray) -> dict[str, float]:
                           f"{int(expected[first].argmax())}; only {same.mean():.2%} of the "
                           f"predictions agree (needed: {MIN_AGREEMENT:.1%}); nothing was "
                           f"recorded")
-    return {"agreement": float(same.mean()),
-            "max_abs_diff": float(np.abs(expected - got).max())}
+    return agreement(expected, got)
 
 
 @pipeline_task(retries=1)
 def evaluate_onnx(params: PipelineParams, dataset: Artifact, float_model: Artifact,
                   rounded: Artifact, onnx_model: Artifact) -> dict[str, float]:
-    """``eval.metric`` of the exported model in ONNX Runtime, and its parity with the
-    PyTorch AdaRound model on the test split."""
+    """The exported model on the test split in ONNX Runtime. Parity gate: with the reference
+    kernels the graph must predict what the PyTorch AdaRound model predicts (it computes the
+    same to float32 rounding). Recorded: ``eval.metric`` of the default (optimised) session,
+    whose fused integer kernels may move an activation by a quantization step, and both
+    sessions' agreement with PyTorch."""
     data = load_tensors(dataset.file)
-    x, y = data["test_x"], data["test_y"]
-    onnx_module = OnnxModule(onnx_model.path)
+    x, y, size = data["test_x"], data["test_y"], params.eval.batch_size
     torch_model = calibrated_model(params, dataset, float_model, rounded)
-    device = compute_device(params)
-    expected = _outputs(torch_model, x.to(device), params.eval.batch_size)
-    scores = parity(expected, _outputs(onnx_module, x, params.eval.batch_size))
-    metric = import_object(params.eval.metric)
-    scores["top1"] = metric(onnx_module, x, y, batch_size=params.eval.batch_size)
+    expected = _outputs(torch_model, x.to(compute_device(params)), size)
+    reference = parity(expected, _outputs(OnnxModule(onnx_model.path, optimized=False), x,
+                                          size))
+    deployed = OnnxModule(onnx_model.path)
+    scores = {**agreement(expected, _outputs(deployed, x, size)),
+              **{f"reference_{k}": v for k, v in reference.items()}}
+    scores["top1"] = import_object(params.eval.metric)(deployed, x, y, batch_size=size)
     run_logger(__name__).info("ONNX Runtime: %s", scores)
     return scores

@@ -253,7 +253,7 @@ def test_export_and_onnx_runtime_evaluation(tmp_path, params, inputs, pipe):
     assert set(load_tensors(layout.integer_weights)) >= {"conv1.weight.int", "conv1.weight.scale"}
     scores = evaluate_onnx.fn(local, dataset, float_model, rounded, onnx_file)
     torch_scores = evaluate_models.fn(local, dataset, float_model, calibrated, rounded)
-    assert scores["agreement"] >= 0.999
+    assert scores["reference_agreement"] == 1.0 and scores["reference_max_abs_diff"] < 1e-4
     assert abs(scores["top1"] - torch_scores["adaround"]) <= 100 * (1 - scores["agreement"])
 
 
