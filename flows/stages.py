@@ -5,6 +5,9 @@ Flows only compose tasks: the math is in ``adaround_core``, the work in ``tasks`
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
@@ -32,20 +35,26 @@ from tasks.reporting import write_layer_outputs, write_metrics
 from tasks.training import train_float_model
 
 
+@contextlib.contextmanager
+def stage(params: PipelineParams, name: str) -> Iterator[Layout]:
+    """The frame of every stage: its preflight (before anything is touched), then the lock
+    on the output dirs; yields where the outputs live."""
+    preflight(params, name)
+    with output_lock(params):
+        yield Layout(params)
+
+
 @flow(persist_result=False, name="data")
 def data_flow(params: PipelineParams) -> Artifact:
     """Build the dataset file."""
-    preflight(params, "data")
-    with output_lock(params):
-        return prepare_data(params, str(Layout(params).dataset))
+    with stage(params, "data") as layout:
+        return prepare_data(params, str(layout.dataset))
 
 
 @flow(persist_result=False, name="train")
 def train_flow(params: PipelineParams) -> Artifact:
     """Train (or load) the float model."""
-    layout = Layout(params)
-    preflight(params, "train")
-    with output_lock(params):
+    with stage(params, "train") as layout:
         dataset = existing(layout.dataset, "data")
         return train_float_model(params, dataset, str(layout.float_checkpoint))
 
@@ -53,9 +62,7 @@ def train_flow(params: PipelineParams) -> Artifact:
 @flow(persist_result=False, name="calibrate")
 def calibrate_flow(params: PipelineParams) -> Artifact:
     """Baseline calibration (nearest rounding)."""
-    layout = Layout(params)
-    preflight(params, "calibrate")
-    with output_lock(params):
+    with stage(params, "calibrate") as layout:
         return calibrate(params, existing(layout.dataset, "data"),
                          existing(layout.float_checkpoint, "train"),
                          str(layout.calibrated_checkpoint))
@@ -84,9 +91,7 @@ def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifa
 @flow(persist_result=False, name="adaround")
 def adaround_flow(params: PipelineParams) -> Artifact:
     """Round every layer (resuming finished ones), then assemble the rounded checkpoint."""
-    layout = Layout(params)
-    preflight(params, "adaround")  # a bad callable or an unreachable MLflow store fails now
-    with output_lock(params):
+    with stage(params, "adaround") as layout:
         dataset = existing(layout.dataset, "data")
         float_model = existing(layout.float_checkpoint, "train")
         calibrated = existing(layout.calibrated_checkpoint, "calibrate")
@@ -104,9 +109,7 @@ def adaround_flow(params: PipelineParams) -> Artifact:
 @flow(persist_result=False, name="export")
 def export_flow(params: PipelineParams) -> Artifact:
     """The AdaRound model as ONNX QDQ, encodings and integer weights."""
-    layout = Layout(params)
-    preflight(params, "export")
-    with output_lock(params):
+    with stage(params, "export") as layout:
         return export_model(params, existing(layout.dataset, "data"),
                             existing(layout.float_checkpoint, "train"),
                             existing(layout.adaround_checkpoint, "adaround"))
@@ -116,9 +119,7 @@ def export_flow(params: PipelineParams) -> Artifact:
 def evaluate_flow(params: PipelineParams) -> dict[str, float]:
     """Score float / baseline / AdaRound and the exported model in ONNX Runtime, write the
     metrics file, record the run in MLflow."""
-    layout = Layout(params)
-    preflight(params, "evaluate")
-    with output_lock(params):
+    with stage(params, "evaluate") as layout:
         dataset = existing(layout.dataset, "data")
         float_model = existing(layout.float_checkpoint, "train")
         rounded = existing(layout.adaround_checkpoint, "adaround")
