@@ -45,12 +45,11 @@ def debug_requested(flag: bool) -> bool:
 def exit_code(err: BaseException) -> int | None:
     """The exit code of a failure the user acts on; None for anything else (a bug)."""
     from flows.runtime import OutputsBusyError  # imported late: they import torch
-    from tasks.failures import DiskError, is_user_error
+    from tasks.failures import is_disk_error, is_user_error
 
     if isinstance(err, OutputsBusyError):
         return EXIT_BUSY
-    if isinstance(err, DiskError) or (isinstance(err, OSError) and is_user_error(err)
-                                      and not isinstance(err, FileNotFoundError)):
+    if is_disk_error(err):
         return EXIT_DISK
     return EXIT_BAD_INPUT if is_user_error(err) else None
 

@@ -46,10 +46,17 @@ def disk_problem(err: OSError, directory: object, key: str,
                                 f"{fix.format(key=key)}")
 
 
+def is_disk_error(exc: BaseException) -> bool:
+    """A directory that is full, read-only or forbidden (not a missing file)."""
+    return isinstance(exc, DiskError) or (isinstance(exc, OSError)
+                                          and not isinstance(exc, FileNotFoundError)
+                                          and exc.errno in DISK_PROBLEMS)
+
+
 def is_user_error(exc: BaseException) -> bool:
     """Bad input, a missing file, a full or read-only disk: fixed by the user, not a retry."""
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-        return isinstance(exc, DiskError) or exc.errno in DISK_PROBLEMS
+        return is_disk_error(exc)
     return isinstance(exc, USER_ERRORS)
 
 

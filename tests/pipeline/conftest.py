@@ -6,6 +6,7 @@ second instead of starting their own temporary server (8-20 s each).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -320,3 +322,20 @@ def copy_project(source: Path, target: Path) -> Path:
     """A copy of a git + DVC project (repo, DVC cache, outputs and MLflow store)."""
     shutil.copytree(source, target, symlinks=True)
     return target
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[bool]:
+    """A real tmpfs mounted at ``path`` (True), or False where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                                 capture_output=True).returncode == 0
+    except FileNotFoundError:
+        mounted = False
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+

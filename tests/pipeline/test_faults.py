@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, subprocess_env
+from conftest import REPO, subprocess_env, tmpfs
 from filelock import FileLock
 
 from adaround_core.calibration import sample_store
@@ -66,22 +64,6 @@ def test_unreadable_checkpoint_is_a_clear_error(prefect_harness, project, pipe, 
 
 # --- a cache directory on a full or read-only disk --------------------------------------
 
-@contextlib.contextmanager
-def _tmpfs(path: Path, options: str) -> Iterator[bool]:
-    """A real tmpfs mounted at ``path`` (True), or False where mounting is not allowed."""
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                                 capture_output=True).returncode == 0
-    except FileNotFoundError:
-        mounted = False
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def _failing_write(code: int):
     def write_shard(*args, **kwargs):
         raise OSError(code, "simulated")
@@ -95,7 +77,7 @@ def test_cache_on_a_full_or_read_only_disk_is_a_clear_error_then_recovers(
         tmp_path, project, pipe, monkeypatch, code, options, reason):
     params = pipe.params(project)
     disk = tmp_path / "disk"
-    with _tmpfs(disk, options) as real:
+    with tmpfs(disk, options) as real:
         if not real:  # no permission to mount here: make the shard write fail instead
             monkeypatch.setattr(sample_store, "write_shard", _failing_write(code))
         job = LayerJob(_with_cache_dir(params, disk / "cache"), *_inputs(params), "conv1", 1, ())

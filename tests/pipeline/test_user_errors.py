@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import project_env, run_cmd, write_params
-from test_faults import _tmpfs
+from conftest import project_env, run_cmd, tmpfs, write_params
 
 from flows.environment import RESULT_STORAGE_KEYS
 
@@ -71,7 +70,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_a_read_only_or_full_cache_disk_is_one_line_saying_what_to_do(tmp_path, options, code,
                                                                       fragments):
     write_params(tmp_path)
-    with _tmpfs(tmp_path / "disk", options) as mounted:
+    with tmpfs(tmp_path / "disk", options) as mounted:
         if not mounted:
             pytest.skip("mounting a tmpfs is not allowed here")
         line = _one_error_line(_flows(tmp_path, "check", "-S",
