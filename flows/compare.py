@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from tasks.params import PipelineParams
+from tasks.registry import CHAMPION, METRIC_TAG, PARENT_TAG, REASON_TAG, SCORE_TAG, current_champion
 from tasks.tracking import PARENT_ROLE, ROLE_TAG, check_uri, sqlite_path, tracking_uri
 
 METRIC_COLUMNS = (("baseline %", "baseline_top1", "{:.2f}"), ("AdaRound %", "adaround_top1", "{:.2f}"),
@@ -35,19 +36,24 @@ def _cut(text: str) -> str:
     return text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 3] + "..."
 
 
-def _row(run: Run, keys: list[str]) -> list[str]:
+def _row(run: Run, keys: list[str], versions: dict[str, str]) -> list[str]:
     started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
     metrics = run.data.metrics
     return [run.info.run_name or "", run.info.run_id[:8], started,
             *(_cut(run.data.params.get(key, "-")) for key in keys),
             *(fmt.format(metrics[name]) if name in metrics else "-"
-              for _, name, fmt in METRIC_COLUMNS)]
+              for _, name, fmt in METRIC_COLUMNS),
+            *([versions.get(run.info.run_id, "-")] if versions else [])]
 
 
-def format_comparison(runs: list[Run], keys: list[str]) -> str:
-    """A fixed-width table: one line per run, the differing keys, then top-1 and delta."""
-    header = ["run", "id", "started", *keys, *(title for title, _, _ in METRIC_COLUMNS)]
-    rows = [header] + [_row(run, keys) for run in runs]
+def format_comparison(runs: list[Run], keys: list[str],
+                      versions: dict[str, str] | None = None) -> str:
+    """A fixed-width table: one line per run, the differing keys, then top-1 and delta,
+    and the registered version of each run when ``versions`` (parent run id -> label)."""
+    versions = versions or {}
+    header = ["run", "id", "started", *keys, *(title for title, _, _ in METRIC_COLUMNS),
+              *(["version"] if versions else [])]
+    rows = [header] + [_row(run, keys, versions) for run in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     text_columns = 3 + len(keys)
     lines = ["  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w)
@@ -74,4 +80,28 @@ def compare_runs(params: PipelineParams, last: int = 5) -> str:
         raise LookupError(f"no pipeline runs in MLflow experiment {name!r} at {uri}: run the "
                           f"pipeline with tracking.enabled: true first")
     title = f"last {len(runs)} pipeline runs of experiment {name!r} in {uri}, newest first"
-    return f"{title}\n{format_comparison(runs, differing_keys(runs))}"
+    model = params.tracking.registered_model
+    versions = version_labels(client, model) if model else {}
+    table = format_comparison(runs, differing_keys(runs), versions)
+    return f"{title}\n{table}" + (f"\n{champion_line(client, model)}" if model else "")
+
+
+def version_labels(client: MlflowClient, model: str) -> dict[str, str]:
+    """Parent run id -> "v3" (or "v3 champion") for each version of the registered model."""
+    champion = current_champion(client, model)
+    labels = {}
+    for version in client.search_model_versions(f"name='{model}'"):
+        star = f" {CHAMPION}" if champion and str(version.version) == str(champion.version) else ""
+        labels[version.tags.get(PARENT_TAG, "")] = f"v{version.version}{star}"
+    return labels
+
+
+def champion_line(client: MlflowClient, model: str) -> str:
+    """Which version of the registered model is the champion, its score and why."""
+    champion = current_champion(client, model)
+    if champion is None:
+        return f"champion of {model!r}: none yet"
+    tags = champion.tags
+    return (f"champion of {model!r}: version {champion.version} from run "
+            f"{tags.get(PARENT_TAG, '?')[:8]}, {tags.get(METRIC_TAG, '?')} "
+            f"{float(tags.get(SCORE_TAG, 'nan')):.4g} ({tags.get(REASON_TAG, '')})")

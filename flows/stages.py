@@ -131,6 +131,8 @@ def evaluate_flow(params: PipelineParams) -> dict[str, float]:
         if params.tracking.enabled:
             from tasks.tracking import record_pipeline_run  # imported late: mlflow takes ~1 s
 
-            record_pipeline_run(params, layout, metrics)
+            recorded = record_pipeline_run(params, layout, metrics)
+            if recorded.registered:  # the registry's decision, for the run's output
+                metrics = {**metrics, "registry": recorded.registered.line()}
         return metrics
 

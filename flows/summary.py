@@ -13,6 +13,8 @@ def format_metrics(metrics: dict) -> str:
     if "onnx" in metrics:
         lines.append(f"{'AdaRound, ONNX Runtime':<22}{metrics['onnx']['top1']:>9.2f}")
     lines.append(f"{'AdaRound - baseline':<22}{metrics['delta_top1']:>+9.2f}")
+    if "registry" in metrics:
+        lines.append(metrics["registry"])
     return "\n".join(lines)
 
 

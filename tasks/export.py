@@ -1,8 +1,11 @@
-"""The export stage: the rounded model as ONNX QDQ, AIMET-style encodings and integer weights."""
+"""The export stage: the rounded model as ONNX QDQ, AIMET-style encodings, integer weights
+and an example input (a few rows, by ONNX input name)."""
 
 from __future__ import annotations
 
-from adaround_core.export.onnx_export import export_quantized
+import torch
+
+from adaround_core.export.onnx_export import export_quantized, run_onnx_inputs
 from tasks.artifacts import Artifact
 from tasks.failures import pipeline_task
 from tasks.io import atomic_write_bytes, file_digest, save_tensors, write_json
@@ -25,6 +28,8 @@ def export_model(params: PipelineParams, dataset: Artifact, float_model: Artifac
     exported = export_quantized(model, example)
     save_tensors(layout.integer_weights, exported.integer_tensors)
     write_json(layout.encodings, exported.encodings)
+    feed = run_onnx_inputs(example, exported.onnx_model)
+    save_tensors(layout.example_inputs, {k: torch.from_numpy(v) for k, v in feed.items()})
     atomic_write_bytes(layout.onnx_model, exported.onnx_model.SerializeToString())
     run_logger(__name__).info("exported %s (%d quantized activations)", layout.onnx_model,
                               len(exported.encodings["activation_encodings"]))

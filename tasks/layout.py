@@ -53,6 +53,11 @@ class Layout:
         return self.export_dir / "model_int.safetensors"
 
     @property
+    def example_inputs(self) -> Path:
+        """A few input rows keyed by the ONNX model's input names (the registry's example)."""
+        return self.export_dir / "example_inputs.safetensors"
+
+    @property
     def layer_report(self) -> Path:
         return self._in(self.params.runtime.results_dir, "adaround_report.json")
 

@@ -24,6 +24,7 @@ from adaround_core.quant.qconfig import QConfig
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
+REGISTRY_NAME_BAN = ("/", ":")  # characters MLflow refuses in a registered model name
 DEMO_TRAIN_KWARGS = {"epochs": 30, "batch_size": 64, "lr": 3e-3}
 
 
@@ -66,6 +67,20 @@ class TrackingParams(_Section):
     enabled: bool = True
     experiment: str = "adaround"
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    registered_model: str | None = None  # MLflow Model Registry name; None: nothing registered
+    promote_metric: str | None = None  # None: the first number eval.metric returns
+    higher_is_better: bool = True  # direction of promote_metric
+    promote_tolerance: float = Field(0.0, ge=0)  # champion moves if >= champion - tolerance
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registry_name(cls, value: str | None) -> str | None:
+        if value is not None and (value.strip() in ("", ".", "..")
+                                  or set(value) & set(REGISTRY_NAME_BAN)):
+            raise ValueError(f"MLflow rejects {value!r} as a registered model name: give a "
+                             f"name other than '.' or '..' without "
+                             f"{' or '.join(REGISTRY_NAME_BAN)}")
+        return value
 
 
 class RuntimeParams(_Section):

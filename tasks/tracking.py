@@ -15,18 +15,27 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from tasks.failures import pipeline_task
+from tasks.failures import is_user_error, pipeline_task
 from tasks.io import read_json
 from tasks.layout import Layout
 from tasks.params import PipelineParams, PreflightError
 from tasks.plots import layer_error_figure
 from tasks.provenance import provenance_tags
+from tasks.registry import (
+    DECISION_TAG,
+    REASON_TAG,
+    Registered,
+    promote_metric,
+    register_model,
+    version_tags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -221,10 +230,21 @@ def _log_layers(client: MlflowClient, run_id: str, layout: Layout) -> None:
     _log_artifact(client, run_id, layout.layer_report, "results")
 
 
-def _record(uri: str, params: PipelineParams, layout: Layout, metrics: dict) -> str:
+@dataclass(frozen=True)
+class RecordedRun:
+    """The parent run a pipeline run was recorded as, and the model version it registered."""
+
+    run_id: str
+    registered: Registered | None = None
+
+
+def _record(uri: str, params: PipelineParams, layout: Layout, metrics: dict) -> RecordedRun:
+    if params.tracking.registered_model:
+        promote_metric(params, metrics)  # a wrong name fails before anything is recorded
     client = MlflowClient(uri)
     experiment_id = _experiment_id(client, params.tracking.experiment, uri)
     tags, config, top1 = provenance_tags(), params.flat(), top1_metrics(metrics)
+    registered = None
     with _run(client, experiment_id, PARENT_ROLE, tags) as parent:
         _log(client, parent, _metrics(top1[PARENT_ROLE]), config,
              {"params.digest": params.digest()})
@@ -235,31 +255,50 @@ def _record(uri: str, params: PipelineParams, layout: Layout, metrics: dict) -> 
                 _log_artifact(client, child, getattr(layout, checkpoint), "checkpoints")
                 if role == "adaround":
                     _log_layers(client, child, layout)
-    return parent
+                    registered = _register(client, params, layout, metrics, child, parent,
+                                           tags)
+    return RecordedRun(parent, registered)
 
 
-def log_pipeline_run(params: PipelineParams, layout: Layout, metrics: dict) -> str:
-    """Record a finished pipeline run in MLflow; return the parent run's id.
+def _register(client: MlflowClient, params: PipelineParams, layout: Layout, metrics: dict,
+              run_id: str, parent: str, tags: dict[str, str]) -> Registered | None:
+    """The exported model as a registered version (with the promotion decision as tags on
+    the parent run too), when ``tracking.registered_model`` is set."""
+    if not params.tracking.registered_model:
+        return None
+    registered = register_model(client, params, layout, metrics, run_id,
+                                version_tags(params, metrics, tags, parent))
+    _log(client, parent, tags={"registry.model": registered.name,
+                               "registry.version": registered.version,
+                               DECISION_TAG: registered.promotion.promote,
+                               REASON_TAG: registered.promotion.reason})
+    return registered
+
+
+def log_pipeline_run(params: PipelineParams, layout: Layout, metrics: dict) -> RecordedRun:
+    """Record a finished pipeline run in MLflow (and register its exported model when
+    ``tracking.registered_model`` is set).
 
     When a store other than the local one fails, the run is recorded in the local store
     instead and a warning says where: a server being down never loses a result.
     """
     uri = tracking_uri(params)
     try:
-        run_id = _record(check_uri(uri), params, layout, metrics)
+        recorded = _record(check_uri(uri), params, layout, metrics)
     except Exception as err:
         local = local_tracking_uri()
-        if _same_store(uri, local):
+        if _same_store(uri, local) or (is_user_error(err)
+                                        and not isinstance(err, TrackingStoreError)):
             raise
-        run_id = _record(local, params, layout, metrics)
+        recorded = _record(local, params, layout, metrics)
         reason = err.reason if isinstance(err, TrackingStoreError) else _short(err)
         logger.warning("MLflow store %s failed (%s): run %s was recorded in the LOCAL store %s "
-                       "instead; view it with %s", uri, reason, run_id, local,
+                       "instead; view it with %s", uri, reason, recorded.run_id, local,
                        _view_hint(local))
-        return run_id
+        return recorded
     logger.info("MLflow run %s of experiment %r recorded in %s (view it with %s)",
-                run_id, params.tracking.experiment, uri, _view_hint(uri))
-    return run_id
+                recorded.run_id, params.tracking.experiment, uri, _view_hint(uri))
+    return recorded
 
 
 record_pipeline_run = pipeline_task(name="mlflow-record-run")(log_pipeline_run)

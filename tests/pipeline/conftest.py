@@ -32,7 +32,7 @@ TINY_PARAMS = {
     "quant": {"weight_bits": 4},
     "calibration": {"batch_size": 16, "num_samples": 64},
     "adaround": {"num_steps": 20, "progress": False},
-    "tracking": {"enabled": False, "experiment": "tiny"},
+    "tracking": {"enabled": False, "experiment": "tiny", "registered_model": None},
     "runtime": {"keep_cache": True},  # the cache tests look at caches after a run
 }
 

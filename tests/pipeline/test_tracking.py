@@ -67,7 +67,7 @@ def _record_in_git_repo(tmp_path, fake_results):
         subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, text=True,
                             capture_output=True, check=True).stdout.strip()
-    run_id = log_pipeline_run(params, layout, metrics)
+    run_id = log_pipeline_run(params, layout, metrics).run_id
     client = MlflowClient(tracking_uri(params))
     return params, layout, metrics, client, client.get_run(run_id), commit, current
 
@@ -147,7 +147,7 @@ def test_configs_with_more_params_than_one_batch_are_logged_whole(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     kwargs = {f"k{i:03d}": i for i in range(150)}  # > MLflow's 100 params per log_batch
     params, layout, metrics = fake_results(tmp_path, data={"kwargs": kwargs})
-    run = MlflowClient(tracking_uri(params)).get_run(log_pipeline_run(params, layout, metrics))
+    run = MlflowClient(tracking_uri(params)).get_run(log_pipeline_run(params, layout, metrics).run_id)
     assert len(run.data.params) == len(params.flat()) > 150
     assert run.data.params["data.kwargs.k149"] == "149"
 
@@ -172,7 +172,7 @@ def test_dead_server_at_logging_time_records_locally_and_says_where(tmp_path, mo
     url = _dead_url()
     params, layout, metrics = fake_results(tmp_path, tracking={"tracking_uri": url})
     with caplog.at_level(logging.WARNING, logger="tasks.tracking"):
-        run_id = log_pipeline_run(params, layout, metrics)
+        run_id = log_pipeline_run(params, layout, metrics).run_id
     local = local_tracking_uri()
     assert (tmp_path / "mlflow.db").is_file()
     run = MlflowClient(local).get_run(run_id)
@@ -218,7 +218,7 @@ def test_threads_of_one_process_share_a_fresh_sqlite_store(tmp_path, monkeypatch
     runs = [(p.model_copy(update={"tracking": p.tracking.model_copy(
         update={"tracking_uri": store})}), layout, metrics) for p, layout, metrics in runs]
     with ThreadPoolExecutor(3) as pool:
-        ids = list(pool.map(lambda run: log_pipeline_run(*run), runs))
+        ids = list(pool.map(lambda run: log_pipeline_run(*run).run_id, runs))
     parents = MlflowClient(store).search_runs(
         [MlflowClient(store).get_experiment_by_name("fake").experiment_id],
         f"tags.`{ROLE_TAG}` = '{PARENT_ROLE}'")
