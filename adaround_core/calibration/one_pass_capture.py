@@ -13,18 +13,31 @@ next layer continues both passes from there:
 Both equal what :func:`~adaround_core.calibration.layer_capture.iter_layer_io` returns
 after the same roundings, bit for bit, at about one forward pass of each model in all
 instead of one partial pass per layer.
+
+:meth:`OnePassCapture.save` and :meth:`OnePassCapture.resume` persist the paused passes
+at a layer boundary and continue them in another process (a pipeline task per layer):
+resume needs the same model (traced to the same graph) with the same layers rounded.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from adaround_core.calibration.frontier_store import FRONTIER_MEMORY_BUDGET, FrontierStore
+from adaround_core.calibration.frontier_store import (
+    FRONTIER_MEMORY_BUDGET,
+    FrontierStore,
+    load_frontiers,
+    save_frontiers,
+)
 from adaround_core.calibration.graph_trace import LayerGraph
+from adaround_core.calibration.sample_store import CorruptCacheError
 from adaround_core.calibration.segmented_forward import (
     Frontier,
     advance,
@@ -32,6 +45,8 @@ from adaround_core.calibration.segmented_forward import (
     start,
     step,
 )
+
+CAPTURE_STATE = "capture.json"
 
 
 class OnePassCapture:
@@ -95,6 +110,45 @@ class OnePassCapture:
         output = step(self.graph, self.float_model, frontier).detach()
         return output.clone() if self.graph.nodes[frontier.position - 1].users else output
 
+    def save(self, directory: Path) -> None:
+        """Persist the paused passes and the layers still to capture under ``directory``
+        (existing, empty): ``quant/``, ``float/`` and ``capture.json``, written last."""
+        if self._num_batches is None:
+            raise ValueError("nothing to save before the first layer is captured; "
+                             "start from the batches instead")
+        directory = Path(directory)
+        for part, store in (("quant", self._quant), ("float", self._float)):
+            (directory / part).mkdir()
+            save_frontiers(directory / part, _borrowed(store, self._num_batches),
+                           self.graph.fingerprint)
+        tmp = directory / f".{CAPTURE_STATE}.tmp"
+        tmp.write_text(json.dumps({"pending": self._pending, "batches": self._num_batches}))
+        os.replace(tmp, directory / CAPTURE_STATE)
+
+    @classmethod
+    def resume(cls, quant_model: nn.Module, float_model: nn.Module, graph: LayerGraph,
+               directory: Path, memory_budget: int = FRONTIER_MEMORY_BUDGET) -> OnePassCapture:
+        """Continue passes saved by :meth:`save`; ``quant_model`` must have the layers
+        captured before the save rounded (the next capture runs the last one's call)."""
+        directory = Path(directory)
+        state_file = directory / CAPTURE_STATE
+        if not state_file.exists():
+            raise CorruptCacheError(f"no {CAPTURE_STATE} in {directory} (save incomplete)")
+        state = json.loads(state_file.read_text())
+        capture = cls(quant_model, float_model, graph, state["pending"], (), memory_budget)
+        for part, store in (("quant", capture._quant), ("float", capture._float)):
+            for i, frontier in enumerate(load_frontiers(directory / part, graph.fingerprint)):
+                store.put(i, frontier)
+        if len(capture._quant) != state["batches"] or len(capture._float) != state["batches"]:
+            raise CorruptCacheError(f"frontiers in {directory} are incomplete")
+        capture._num_batches = state["batches"]
+        return capture
+
+    @property
+    def pending(self) -> list[str]:
+        """The layers still to capture, in order."""
+        return list(self._pending)
+
     def close(self) -> None:
         """Drop the paused passes and their temporary files."""
         self._quant.close()
@@ -103,6 +157,14 @@ class OnePassCapture:
     @property
     def frontiers_on_disk(self) -> int:
         return self._quant.spilled + self._float.spilled
+
+
+def _borrowed(store: FrontierStore, count: int) -> Iterator[Frontier]:
+    """Each frontier of ``store`` in turn, put back once the consumer is done with it."""
+    for i in range(count):
+        frontier = store.take(i)
+        yield frontier
+        store.put(i, frontier)
 
 
 def _shares_storage(a: torch.Tensor, b: Any) -> bool:

@@ -25,7 +25,11 @@ from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_r
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
 from adaround_core.quantization import prepare_qat_fx, set_fake_quantize, weight_reconstruction
 from adaround_core.reconstruction import weight_reconstruction as wr
-from adaround_core.reconstruction.layer_reconstruction import layer_generator, reconstruct_layer
+from adaround_core.reconstruction.layer_reconstruction import (
+    layer_generator,
+    nearest_weight,
+    reconstruct_layer,
+)
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 
 LEAVES = (QuantLayerMixin, FakeQuantize)
@@ -345,3 +349,40 @@ def test_capturer_falls_back_when_the_graph_disagrees_with_eager(monkeypatch, ca
     with caplog.at_level(logging.WARNING):
         capturer = layer_capturer(q, float_reference(q), order, batches, batches[0], LEAVES)
     assert capturer.method == PER_LAYER and "differs from the eager" in capturer.note
+
+
+def _round_nearest(model, name):
+    layer = quant_layers(model)[name]
+    layer.freeze_weight_qparams()
+    with torch.no_grad():
+        layer.weight.copy_(nearest_weight(layer))
+
+
+def test_a_saved_capture_resumes_where_it_stopped(tmp_path):
+    q, batches, order = _capture_state(ResidualCNN(), (2, 3, 8, 8), num_batches=3)
+    whole, split = q, copy.deepcopy(q)
+    with eval_mode(whole), fake_quant_state(whole, FakeQuantState.VALIDATION), \
+            eval_mode(split), fake_quant_state(split, FakeQuantState.VALIDATION):
+        graph = trace_layer_graph(whole, order, LEAVES, batches[0])
+        reference = OnePassCapture(whole, float_reference(whole), graph, order, batches)
+        expected = {}
+        for name in order:
+            _round_nearest(whole, name)
+            expected[name] = reference.capture_layer_io(name)
+        first = OnePassCapture(split, float_reference(split), graph, order, batches,
+                               memory_budget=0)  # saved from disk: the spilled path
+        for name in order[:3]:
+            _round_nearest(split, name)
+            first.capture_layer_io(name)
+        first.save(tmp_path)
+        first.close()
+        rebuilt = copy.deepcopy(split)  # another process: same model, same roundings
+        with fake_quant_state(rebuilt, FakeQuantState.VALIDATION):
+            again = trace_layer_graph(rebuilt, order, LEAVES, batches[0])
+            resumed = OnePassCapture.resume(rebuilt, float_reference(rebuilt), again, tmp_path)
+            assert resumed.pending == order[3:]
+            for name in order[3:]:
+                _round_nearest(rebuilt, name)
+                x, y = resumed.capture_layer_io(name)
+                assert all(torch.equal(a, b) for a, b in
+                           zip(x + y, expected[name][0] + expected[name][1], strict=True)), name
