@@ -8,6 +8,7 @@ method runs in its own process so its peak RSS is its own. Checks the captured t
 agree by a checksum.
 
     .venv/bin/python -m bench.bench_capture [--batches 8] [--batch-size 16] [--threads 1]
+                                            [--memory-mib 256] [--only one_pass]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from adaround_core import quantization as q
 from adaround_core.calibration.capture_method import layer_capturer
+from adaround_core.calibration.frontier_store import FRONTIER_MEMORY_BUDGET
 from adaround_core.quant.fake_quantize import FakeQuantize
 from adaround_core.quant.model_modes import float_reference
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
@@ -77,7 +79,8 @@ def _calibrated(batches: list[torch.Tensor]) -> nn.Module:
     return prepared
 
 
-def run_method(one_pass: bool, num_batches: int, batch_size: int, threads: int) -> dict:
+def run_method(one_pass: bool, num_batches: int, batch_size: int, threads: int,
+               memory_budget: int) -> dict:
     """Capture every layer once with one method; seconds, peak RSS and a checksum."""
     torch.manual_seed(1)
     batches = [torch.randn(batch_size, 3, 64, 64) for _ in range(num_batches)]
@@ -88,7 +91,8 @@ def run_method(one_pass: bool, num_batches: int, batch_size: int, threads: int) 
     with rounding_mode(model, threads):
         start = time.perf_counter()
         capturer = layer_capturer(model, float_reference(model), names, batches, batches[0],
-                                  (QuantLayerMixin, FakeQuantize), one_pass)
+                                  (QuantLayerMixin, FakeQuantize), one_pass,
+                                  memory_budget=memory_budget)
         for name in names:
             layers[name].freeze_weight_qparams()
             for x, y in capturer.iter_layer_io(name, calls[name]):
@@ -107,20 +111,27 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory-mib", type=int, default=FRONTIER_MEMORY_BUDGET >> 20,
+                        help="frontier bytes kept in memory per model (the rest on disk)")
+    parser.add_argument("--only", choices=["old", "one_pass"], help="run one method only")
     parser.add_argument("--child", choices=["old", "one_pass"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = run_method(args.child == "one_pass", args.batches, args.batch_size, args.threads)
+        result = run_method(args.child == "one_pass", args.batches, args.batch_size, args.threads,
+                            args.memory_mib << 20)
         print(json.dumps(result))
         return
     results = {}
-    for method in ("old", "one_pass"):
+    for method in [args.only] if args.only else ["old", "one_pass"]:
         done = subprocess.run([sys.executable, "-m", "bench.bench_capture", "--child", method,
                                "--batches", str(args.batches), "--batch-size",
-                               str(args.batch_size), "--threads", str(args.threads)],
+                               str(args.batch_size), "--threads", str(args.threads),
+                               "--memory-mib", str(args.memory_mib)],
                               capture_output=True, text=True, check=True)
         results[method] = json.loads(done.stdout.strip().splitlines()[-1])
         print(method, results[method])
+    if args.only:
+        return
     old, new = results["old"], results["one_pass"]
     print(f"speed-up {old['seconds'] / new['seconds']:.1f}x; checksums "
           f"{'agree' if old['checksum'] == new['checksum'] else 'DIFFER'}")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from adaround_core.calibration.batches import call_model
+from adaround_core.calibration.frontier_store import FRONTIER_MEMORY_BUDGET
 from adaround_core.calibration.graph_trace import NotSegmentable, trace_layer_graph
 from adaround_core.calibration.layer_capture import iter_layer_io
 from adaround_core.calibration.one_pass_capture import OnePassCapture
@@ -60,9 +61,11 @@ class LayerCapturer:
 
 def layer_capturer(quant_model: nn.Module, float_model: nn.Module, layers: list[str],
                    batches: Iterable[Any], first_batch: Any, leaf_types: tuple[type, ...],
-                   one_pass: bool = True, **store_options: Any) -> LayerCapturer:
+                   one_pass: bool = True, memory_budget: int = FRONTIER_MEMORY_BUDGET,
+                   ) -> LayerCapturer:
     """A capturer for ``layers`` (in rounding order) of the two models, which must be in
-    the state capture runs in (eval, fake quant as for rounding)."""
+    the state capture runs in (eval, fake quant as for rounding). ``memory_budget``: frontier
+    bytes per model kept in memory, the rest on disk."""
     capturer = LayerCapturer(quant_model, float_model, batches)
     if not one_pass:
         capturer.note = "one-pass capture switched off"
@@ -81,5 +84,5 @@ def layer_capturer(quant_model: nn.Module, float_model: nn.Module, layers: list[
         return capturer
     capturer.method = ONE_PASS
     capturer.one_pass = OnePassCapture(quant_model, float_model, graph, layers, batches,
-                                       **store_options)
+                                       memory_budget)
     return capturer

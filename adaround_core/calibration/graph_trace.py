@@ -57,10 +57,6 @@ class LayerGraph:
     def layer_node(self, name: str) -> fx.Node:
         return self.nodes[self.layer_calls[name]]
 
-    def is_live(self, node: fx.Node) -> bool:
-        """Whether a node after ``node`` reads its value."""
-        return bool(node.users)
-
 
 class _LayerTracer(fx.Tracer):
     """Leaves: the layers, ``leaf_types``, and torch.nn modules holding no layer."""

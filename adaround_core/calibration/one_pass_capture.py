@@ -66,7 +66,8 @@ class OnePassCapture:
         self._num_batches: int | None = None
 
     def iter_layer_io(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Per batch: the layer's fake-quantized input and float output (streamed)."""
+        """Per batch: the layer's fake-quantized input and float output (streamed; read
+        it to the end before rounding the layer)."""
         if not self._pending or self._pending[0] != name:
             expected = self._pending[0] if self._pending else "none"
             raise ValueError(f"layer {name!r} asked out of order (next is {expected!r}); "
