@@ -133,8 +133,10 @@ def _calibrated(model: nn.Module, shape: tuple[int, ...], num_batches: int = 3):
     return q, batches
 
 
-def _both_paths(monkeypatch, model, shape, cfg=CFG):
+def _both_paths(monkeypatch, model, shape, device="cpu", cfg=CFG):
     q, batches = _calibrated(model, shape)
+    q.to(device)
+    batches = [b.to(device) for b in batches]
     old = copy.deepcopy(q)
     monkeypatch.setattr(wr, "ONE_PASS_CAPTURE", False)
     old_report = weight_reconstruction(old, batches, None, cfg)
@@ -158,8 +160,8 @@ def _assert_identical(new, old):
     (Branching, (4, 3, 6, 6)),
     (TinyAttention, (4, 5, 8)),
 ])
-def test_one_pass_rounds_bit_identically_to_per_layer_passes(monkeypatch, model, shape):
-    new, old = _both_paths(monkeypatch, model(), shape)
+def test_one_pass_rounds_bit_identically_to_per_layer_passes(monkeypatch, model, shape, device):
+    new, old = _both_paths(monkeypatch, model(), shape, device)
     _assert_identical(new, old)
     assert len(new[1]) == len(quant_layers(new[0]))
 
