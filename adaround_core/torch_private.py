@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 BatchNormBase = _BatchNorm  # common base of BatchNorm1d/2d/3d (and SyncBatchNorm)
 
 __all__ = ["BatchNormBase", "conv_forward", "conv_transpose_output_padding",
-           "convolution_weight_grad", "fused_adam_available", "fused_adam_step",
-           "sigmoid_backward", "tree_leaves", "tree_map"]
+           "convolution_weight_grad", "forward_hooks", "fused_adam_available",
+           "fused_adam_step", "global_forward_hooks", "sigmoid_backward", "tree_leaves",
+           "tree_map"]
 
 # The private names behind the functions above, as dotted paths from ``torch``.
 PRIVATE_SYMBOLS = (
@@ -31,7 +33,11 @@ PRIVATE_SYMBOLS = (
     "torch.ops.aten.convolution_backward",
     "torch.ops.aten.sigmoid_backward",
     "torch._fused_adam_",
+    "torch.nn.modules.module._global_forward_pre_hooks",
+    "torch.nn.modules.module._global_forward_hooks",
 )
+# Instance attributes (no dotted path from ``torch``), checked by test_torch_private too.
+PRIVATE_MODULE_ATTRIBUTES = ("_forward_pre_hooks", "_forward_hooks")
 
 
 
@@ -72,3 +78,12 @@ def fused_adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tens
     torch._fused_adam_([param], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=lr,
                        beta1=betas[0], beta2=betas[1], weight_decay=0.0, eps=eps,
                        amsgrad=False, maximize=False)
+
+def forward_hooks(module: nn.Module) -> list:
+    """The forward pre-hooks and forward hooks registered on ``module`` itself."""
+    return [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+
+def global_forward_hooks() -> list:
+    """The forward (pre-)hooks registered for every module
+    (``register_module_forward_pre_hook`` / ``register_module_forward_hook``)."""
+    return [*_module._global_forward_pre_hooks.values(), *_module._global_forward_hooks.values()]

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from adaround_core.calibration.batches import call_model
+from adaround_core.calibration.graph_trace import mark_skippable
 from adaround_core.quant.bn_folding import fold_batchnorms
 from adaround_core.quant.fake_quantize import FakeQuantState, fake_quantizers
 from adaround_core.quant.model_modes import fake_quant_state
@@ -67,6 +68,9 @@ def _noop_pre_hook(module: nn.Module, args: Any) -> None:
     return None
 
 
+mark_skippable(_noop_pre_hook)  # no effect on the math: a traced graph may leave it out
+
+
 def _disable_fused_transformer_paths(model: nn.Module) -> None:
     """``nn.TransformerEncoderLayer``'s fused inference path reads the weights directly and
     would skip the quantized layers; it is not taken while a hook is attached."""
@@ -86,6 +90,7 @@ def _fold_at_first_forward(model: nn.Module) -> None:
             fold_batchnorms(module, lambda m: m(*args, **kwargs))
 
     model._batchnorm_fold_pending = True  # a flag, not a handle: survives deepcopy correctly
+    mark_skippable(hook, when=lambda m: not getattr(m, "_batchnorm_fold_pending", False))
     model.register_forward_pre_hook(hook, with_kwargs=True)
 
 

@@ -14,6 +14,8 @@ class ReconstructionReport:
 
     layers: list[LayerReport] = field(default_factory=list)
     num_threads: int = 1
+    capture_method: str = "one_pass"  # or "per_layer": how layer inputs were captured
+    capture_note: str = ""  # why capture fell back to "per_layer" (empty otherwise)
 
     def __iter__(self) -> Iterator[LayerReport]:
         return iter(self.layers)

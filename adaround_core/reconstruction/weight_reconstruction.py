@@ -14,7 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaround_core.calibration.batches import CalibrationBatches, model_device
-from adaround_core.calibration.layer_capture import capture_layer_io, first_call_order
+from adaround_core.calibration.capture_method import LayerCapturer, layer_capturer
+from adaround_core.calibration.layer_capture import first_call_order
 from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
@@ -25,6 +26,10 @@ from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 
 logger = logging.getLogger(__name__)
+
+# Capture each layer's inputs by continuing one forward pass (True), or by a partial
+# pass per layer (False; the fallback, kept switchable for equality tests and benchmarks).
+ONE_PASS_CAPTURE = True
 
 
 def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
@@ -73,20 +78,31 @@ def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], se
                         calls: dict[str, int], data: CalibrationBatches,
                         cfg: AdaRoundConfig) -> ReconstructionReport:
     float_model = float_reference(model)
-    report = ReconstructionReport()
+    capturer = layer_capturer(model, float_model, selected, data, data.first(),
+                              (QuantLayerMixin, FakeQuantize), ONE_PASS_CAPTURE)
+    report = ReconstructionReport(capture_method=capturer.method, capture_note=capturer.note)
+    try:
+        _round_in_order(layers, selected, calls, capturer, cfg, report)
+    finally:
+        capturer.close()
+    return report
+
+
+def _round_in_order(layers: dict[str, QuantLayerMixin], selected: list[str],
+                    calls: dict[str, int], capturer: LayerCapturer, cfg: AdaRoundConfig,
+                    report: ReconstructionReport) -> None:
     with tqdm(total=len(selected) * cfg.num_steps, unit="step", desc="AdaRound",
               disable=not cfg.progress) as bar:
         for name in selected:
             bar.set_postfix_str(name)
             layer = layers[name]
             layer.freeze_weight_qparams()
-            inputs, targets = capture_layer_io(model, float_model, name, calls[name], data)
+            inputs, targets = capturer.capture_layer_io(name, calls[name])
             generator = layer_generator(cfg.seed, name)
             samples = LayerSamples.from_tensors(inputs, targets, cfg.holdout_fraction, generator)
             del inputs, targets
             report.layers.append(reconstruct_layer(name, layer, samples, cfg, generator,
                                                    on_step=lambda _: bar.update()))
-    return report
 
 
 def _prepared_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:

@@ -90,3 +90,27 @@ def test_batchnorm_base_and_pytree():
     assert len(tp.tree_leaves(tree)) == 3
     doubled = tp.tree_map(lambda t: t * 2 if isinstance(t, torch.Tensor) else t, tree)
     assert doubled["a"].item() == 2.0 and doubled["b"][1] == 3
+
+
+@pytest.mark.parametrize("attribute", tp.PRIVATE_MODULE_ATTRIBUTES)
+def test_private_module_attribute_exists(attribute):
+    assert hasattr(nn.Linear(1, 1), attribute)
+
+
+def test_forward_hooks_lists_a_module_own_and_global_hooks():
+    layer = nn.Linear(1, 1)
+    assert tp.forward_hooks(layer) == []
+
+    def hook(*_):
+        return None
+
+    handles = [layer.register_forward_pre_hook(hook), layer.register_forward_hook(hook)]
+    assert tp.forward_hooks(layer) == [hook, hook]
+    for h in handles:
+        h.remove()
+    assert tp.global_forward_hooks() == []
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        assert tp.global_forward_hooks() == [hook]
+    finally:
+        handle.remove()

@@ -1,0 +1,128 @@
+"""Where paused forward passes wait: in memory up to a budget, the rest on disk.
+
+:class:`FrontierStore` holds one :class:`~adaround_core.calibration.segmented_forward.Frontier`
+per calibration batch between two layers. Frontiers stay in memory while their total
+stays under ``memory_budget`` bytes; the others are written with ``torch.save`` (which
+keeps views of one storage sharing it, as in the live pass) to a private temporary
+directory and read back, then deleted, when taken. So memory does not grow with the
+number of batches.
+
+:func:`save_frontiers` / :func:`load_frontiers` persist a whole layer boundary (every
+batch's frontier, with a manifest naming the graph and each file's SHA-256) so another
+process can continue the pass from there: the pipeline's per-layer tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from adaround_core.calibration.sample_store import CorruptCacheError, file_sha256
+from adaround_core.calibration.segmented_forward import Frontier
+
+# Frontier bytes kept in memory per model before spilling to disk: small models
+# (every test, the digits demo) never touch the disk; large ones stay flat.
+FRONTIER_MEMORY_BUDGET = 256 << 20
+FRONTIER_MANIFEST = "frontiers.json"
+
+
+class FrontierStore:
+    """Per-batch frontiers of one model, by batch index."""
+
+    def __init__(self, memory_budget: int = FRONTIER_MEMORY_BUDGET) -> None:
+        self.memory_budget = memory_budget
+        self._memory: dict[int, Frontier] = {}
+        self._memory_bytes: dict[int, int] = {}
+        self._on_disk: dict[int, int] = {}  # batch index -> position
+        self._directory: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self._memory) + len(self._on_disk)
+
+    @property
+    def spilled(self) -> int:
+        """How many frontiers are on disk now."""
+        return len(self._on_disk)
+
+    def put(self, index: int, frontier: Frontier) -> None:
+        size = frontier.nbytes()
+        if sum(self._memory_bytes.values()) + size <= self.memory_budget:
+            self._memory[index], self._memory_bytes[index] = frontier, size
+            return
+        torch.save(frontier.values, self._path(index))
+        self._on_disk[index] = frontier.position
+
+    def take(self, index: int) -> Frontier:
+        """The frontier of batch ``index``, removed from the store."""
+        if index in self._memory:
+            del self._memory_bytes[index]
+            return self._memory.pop(index)
+        position = self._on_disk.pop(index)
+        path = self._path(index)
+        values = torch.load(path, weights_only=False)  # our own file, written just before
+        path.unlink()
+        return Frontier(position, values)
+
+    def _path(self, index: int) -> Path:
+        if self._directory is None:
+            self._directory = Path(tempfile.mkdtemp(prefix="adaround-frontiers-"))
+        return self._directory / f"{index:05d}.pt"
+
+    def close(self) -> None:
+        """Drop every frontier and remove the temporary directory."""
+        self._memory.clear()
+        self._memory_bytes.clear()
+        self._on_disk.clear()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
+
+
+def save_frontiers(directory: Path, frontiers: Iterable[Frontier], fingerprint: str) -> int:
+    """Write every batch's frontier of one layer boundary under ``directory`` (existing,
+    empty), then the manifest that makes it valid. Returns the number of batches."""
+    directory = Path(directory)
+    files = []
+    positions = set()
+    for i, frontier in enumerate(frontiers):
+        name = f"frontier_{i:05d}.pt"
+        tmp = directory / f".{name}.tmp"
+        torch.save(frontier.values, tmp)
+        os.replace(tmp, directory / name)
+        files.append({"file": name, "sha256": file_sha256(directory / name)})
+        positions.add(frontier.position)
+    if len(positions) > 1:
+        raise ValueError(f"frontiers at different positions {sorted(positions)}; save one "
+                         f"layer boundary at a time")
+    manifest = {"graph": fingerprint, "position": positions.pop() if positions else 0,
+                "files": files}
+    tmp = directory / f".{FRONTIER_MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, directory / FRONTIER_MANIFEST)
+    return len(files)
+
+
+def load_frontiers(directory: Path, fingerprint: str, verify: bool = True,
+                   ) -> Iterator[Frontier]:
+    """The frontiers written by :func:`save_frontiers`, one batch at a time. Raises
+    :class:`CorruptCacheError` when the manifest is missing, names another graph, or
+    (with ``verify``) a file does not match its checksum."""
+    directory = Path(directory)
+    path = directory / FRONTIER_MANIFEST
+    if not path.exists():
+        raise CorruptCacheError(f"no frontier manifest in {directory} (incomplete)")
+    manifest = json.loads(path.read_text())
+    if manifest["graph"] != fingerprint:
+        raise CorruptCacheError(f"frontiers in {directory} belong to another traced graph; "
+                                f"delete the directory")
+    for entry in manifest["files"]:
+        file = directory / entry["file"]
+        if verify and (not file.exists() or file_sha256(file) != entry["sha256"]):
+            raise CorruptCacheError(f"frontier {file} is missing or does not match its checksum")
+        yield Frontier(manifest["position"], torch.load(file, weights_only=True))

@@ -1,0 +1,173 @@
+"""Capture every layer's inputs and targets in one forward pass of each model.
+
+:class:`OnePassCapture` keeps, per calibration batch, the quantized model's and the
+float model's forward passes paused at the current layer (frontiers in a
+:class:`~adaround_core.calibration.frontier_store.FrontierStore`). Asking for the
+next layer continues both passes from there:
+
+* the quantized pass runs from the previous layer's call (so that call uses the
+  previous layer's weight as rounded meanwhile) up to the layer's call, whose argument
+  through the layer's ``input_fake_quant`` is the input;
+* the float pass runs through the layer's call, whose output is the target.
+
+Both equal what :func:`~adaround_core.calibration.layer_capture.iter_layer_io` returns
+after the same roundings, bit for bit, at about one forward pass of each model in all
+instead of one partial pass per layer.
+
+:meth:`OnePassCapture.save` and :meth:`OnePassCapture.resume` persist the paused passes
+at a layer boundary and continue them in another process (a pipeline task per layer):
+resume needs the same model (traced to the same graph) with the same layers rounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaround_core.calibration.frontier_store import (
+    FRONTIER_MEMORY_BUDGET,
+    FrontierStore,
+    load_frontiers,
+    save_frontiers,
+)
+from adaround_core.calibration.graph_trace import LayerGraph
+from adaround_core.calibration.sample_store import CorruptCacheError
+from adaround_core.calibration.segmented_forward import (
+    Frontier,
+    advance,
+    node_arguments,
+    start,
+    step,
+)
+
+CAPTURE_STATE = "capture.json"
+
+
+class OnePassCapture:
+    """Layer inputs and targets of ``layers``, taken in order, by continuing two passes.
+
+    The caller rounds each layer (or leaves it) before asking for the next one.
+    """
+
+    def __init__(self, quant_model: nn.Module, float_model: nn.Module, graph: LayerGraph,
+                 layers: list[str], batches: Iterable[Any],
+                 memory_budget: int = FRONTIER_MEMORY_BUDGET) -> None:
+        self.quant_model, self.float_model, self.graph = quant_model, float_model, graph
+        self._pending = list(layers)
+        self._batches = batches
+        self._quant = FrontierStore(memory_budget)
+        self._float = FrontierStore(memory_budget)
+        self._num_batches: int | None = None
+
+    def iter_layer_io(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch: the layer's fake-quantized input and float output (streamed; read
+        it to the end before rounding the layer)."""
+        if not self._pending or self._pending[0] != name:
+            expected = self._pending[0] if self._pending else "none"
+            raise ValueError(f"layer {name!r} asked out of order (next is {expected!r}); "
+                             f"capture layers in rounding order")
+        self._pending.pop(0)
+        call = self.graph.layer_calls[name]
+        count = 0
+        for i, (quant, floating) in enumerate(self._frontiers()):
+            advance(self.graph, self.quant_model, quant, call)
+            advance(self.graph, self.float_model, floating, call)
+            pair = (self._input(name, quant), self._target(floating))
+            self._quant.put(i, quant)
+            self._float.put(i, floating)
+            count += 1
+            yield pair
+        self._num_batches = count
+
+    def capture_layer_io(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """All of :meth:`iter_layer_io` as two lists (inputs, targets), in memory."""
+        pairs = list(self.iter_layer_io(name))
+        return [x for x, _ in pairs], [y for _, y in pairs]
+
+    def _frontiers(self) -> Iterator[tuple[Frontier, Frontier]]:
+        if self._num_batches is None:
+            for i, batch in enumerate(self._batches):
+                yield start(self.graph, batch, i), start(self.graph, batch, i)
+            return
+        for i in range(self._num_batches):
+            yield self._quant.take(i), self._float.take(i)
+
+    def _input(self, name: str, frontier: Frontier) -> torch.Tensor:
+        (arg,), _ = node_arguments(self.graph.layer_node(name), frontier.values)
+        layer = self.quant_model.get_submodule(name)
+        with torch.no_grad():
+            x = layer.input_fake_quant(arg).detach()
+        return x.clone() if _shares_storage(x, arg) else x
+
+    def _target(self, frontier: Frontier) -> torch.Tensor:
+        """Run the layer's call in the float pass; its output (a copy if a later node
+        still reads it, which may change it in place)."""
+        output = step(self.graph, self.float_model, frontier).detach()
+        return output.clone() if self.graph.nodes[frontier.position - 1].users else output
+
+    def save(self, directory: Path) -> None:
+        """Persist the paused passes and the layers still to capture under ``directory``
+        (existing, empty): ``quant/``, ``float/`` and ``capture.json``, written last."""
+        if self._num_batches is None:
+            raise ValueError("nothing to save before the first layer is captured; "
+                             "start from the batches instead")
+        directory = Path(directory)
+        for part, store in (("quant", self._quant), ("float", self._float)):
+            (directory / part).mkdir()
+            save_frontiers(directory / part, _borrowed(store, self._num_batches),
+                           self.graph.fingerprint)
+        tmp = directory / f".{CAPTURE_STATE}.tmp"
+        tmp.write_text(json.dumps({"pending": self._pending, "batches": self._num_batches}))
+        os.replace(tmp, directory / CAPTURE_STATE)
+
+    @classmethod
+    def resume(cls, quant_model: nn.Module, float_model: nn.Module, graph: LayerGraph,
+               directory: Path, memory_budget: int = FRONTIER_MEMORY_BUDGET) -> OnePassCapture:
+        """Continue passes saved by :meth:`save`; ``quant_model`` must have the layers
+        captured before the save rounded (the next capture runs the last one's call)."""
+        directory = Path(directory)
+        state_file = directory / CAPTURE_STATE
+        if not state_file.exists():
+            raise CorruptCacheError(f"no {CAPTURE_STATE} in {directory} (save incomplete)")
+        state = json.loads(state_file.read_text())
+        capture = cls(quant_model, float_model, graph, state["pending"], (), memory_budget)
+        for part, store in (("quant", capture._quant), ("float", capture._float)):
+            for i, frontier in enumerate(load_frontiers(directory / part, graph.fingerprint)):
+                store.put(i, frontier)
+        if len(capture._quant) != state["batches"] or len(capture._float) != state["batches"]:
+            raise CorruptCacheError(f"frontiers in {directory} are incomplete")
+        capture._num_batches = state["batches"]
+        return capture
+
+    @property
+    def pending(self) -> list[str]:
+        """The layers still to capture, in order."""
+        return list(self._pending)
+
+    def close(self) -> None:
+        """Drop the paused passes and their temporary files."""
+        self._quant.close()
+        self._float.close()
+
+    @property
+    def frontiers_on_disk(self) -> int:
+        return self._quant.spilled + self._float.spilled
+
+
+def _borrowed(store: FrontierStore, count: int) -> Iterator[Frontier]:
+    """Each frontier of ``store`` in turn, put back once the consumer is done with it."""
+    for i in range(count):
+        frontier = store.take(i)
+        yield frontier
+        store.put(i, frontier)
+
+
+def _shares_storage(a: torch.Tensor, b: Any) -> bool:
+    return isinstance(b, torch.Tensor) and \
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
