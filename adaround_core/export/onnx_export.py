@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from adaround_core.export.encodings import activation_encoding, encodings_file, weight_encodings
+from adaround_core.export.export_failure import UNSUPPORTED, unsupported_error
 from adaround_core.export.qdq_modules import qdq_view
 from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.quant.model_modes import eval_mode, fake_quant_state
@@ -50,7 +51,10 @@ def export_quantized(model: nn.Module, example_inputs: Any, opset: int = DEFAULT
     layers = _checked_layers(model, opset, allow_nearest)
     example = call_args(example_inputs)
     with eval_mode(model), fake_quant_state(model, FakeQuantState.FLOAT), qdq_view(model):
-        proto = _trace_to_onnx(model, example, opset)
+        try:
+            proto = _trace_to_onnx(model, example, opset)
+        except UNSUPPORTED as err:  # name the module that uses the operator
+            raise unsupported_error(model, example_inputs, opset, err) from None
         integers = _integer_tensors(layers)
     names = _rename_weight_initializers(proto, layers)
     encodings = _encodings(proto, layers, names)

@@ -131,3 +131,36 @@ def test_bad_input_is_a_clear_error(h):
         export_quantized(wide, x)
     with pytest.raises(ValueError, match="never prepared"):
         export_quantized(h.mlp(), x)
+
+
+class _Spectral(torch.nn.Module):
+    """An operation the ONNX exporter has no symbolic for (aten::fft_rfft)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft(x).abs()
+
+
+class _SpectralNet(torch.nn.Module):
+    def __init__(self, inside: bool) -> None:
+        super().__init__()
+        self.inside = inside
+        self.fc1 = torch.nn.Linear(6, 8)
+        self.block = torch.nn.Sequential(torch.nn.ReLU(), _Spectral() if inside else
+                                         torch.nn.Identity())
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(self.fc1(x))
+        return self.head(y if self.inside else torch.fft.rfft(y).abs())
+
+
+@pytest.mark.parametrize(("inside", "named"), [
+    (True, r"module 'block\.1' \(_Spectral\)"),
+    (False, r"the forward of the model itself \(_SpectralNet\)"),
+])
+def test_an_operation_onnx_cannot_express_names_its_module(h, inside, named):
+    from adaround_core.export.export_failure import UnsupportedExportError
+
+    model = _rounded(h, _SpectralNet(inside), h.make_batches(2, (8, 6)), QConfig())
+    with pytest.raises(UnsupportedExportError, match=named + r".*aten::fft_rfft.*opset 17"):
+        export_quantized(model, torch.randn(2, 6))
