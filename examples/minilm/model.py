@@ -26,7 +26,7 @@ _RENAMES = (
 _UNUSED = re.compile(r"^(pooler\.|embeddings\.position_ids$)")  # pooler: not in the embedding
 
 
-def minilm(**_: object) -> SentenceEncoder:
+def minilm() -> SentenceEncoder:
     """all-MiniLM-L6-v2 as a float32 :class:`SentenceEncoder` in eval mode (offline)."""
     model = SentenceEncoder()
     model.load_state_dict(_renamed(load_file(str(model_dir() / "model.safetensors"))))

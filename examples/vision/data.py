@@ -57,9 +57,11 @@ def photo_crops(num_calibration: int = 64, num_evaluation: int = 256, image_size
                 seed: int = 0, num_train: int = 0) -> dict[str, Dataset]:
     """``{"calibration", "evaluation"}`` (and ``"train"`` when ``num_train``): crops from
     disjoint random streams (the same two photos underlie all splits)."""
-    sizes = {"calibration": num_calibration, "evaluation": num_evaluation, "train": num_train}
+    sizes = {"calibration": num_calibration, "evaluation": num_evaluation}
+    if num_train:
+        sizes["train"] = num_train
     return {split: PhotoCrops(n, image_size, seed, SPLIT_STREAMS[split])
-            for split, n in sizes.items() if n or split != "train"}
+            for split, n in sizes.items()}
 
 
 def _random_crop(photo: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:

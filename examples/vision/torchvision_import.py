@@ -36,14 +36,15 @@ def torchvision_models() -> types.ModuleType:
 
 def compiled_ops_load(package_dir: Path) -> bool:
     """Whether torchvision's ``_C`` library loads into this torch."""
-    libraries = sorted(package_dir.glob("_C.*")) + sorted(package_dir.glob("_C*.so"))
-    for library in libraries:
-        try:
-            torch.ops.load_library(str(library))
-            return True
-        except (OSError, RuntimeError):
-            return False
-    return False
+    library = next(iter(sorted(package_dir.glob("_C*.so")) + sorted(package_dir.glob("_C*.pyd"))),
+                   None)
+    if library is None:
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError):
+        return False
+    return True
 
 
 def _register_bare_package(package_dir: Path) -> None:
