@@ -3,7 +3,9 @@
 On CPU the thread count follows each layer's work (:func:`layer_threads`): one thread
 where a step is small (tiny ops run faster single-threaded, and two threads suffer
 badly under background load), all available cores where a step is big enough for
-the GEMMs to scale.
+the GEMMs to scale. On a shared machine, start the process with
+``OMP_WAIT_POLICY=PASSIVE``: with OpenMP's default spin-waiting, threads whose peer is
+descheduled waste their time slices and several threads run slower than one.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import torch
 DEFAULT_CPU_THREADS = 1
 # A layer whose AdaRound step (forward + weight gradient on one batch, ``step_flops``)
 # reaches this many FLOPs runs with all available cores, a smaller one with
-# DEFAULT_CPU_THREADS. Measured by bench/bench_threads.py on a 2-core EPYC ("Thread choice
-# per layer" in BENCHMARKS.md): two threads first won at ~TODO.
-PARALLEL_MIN_STEP_FLOPS = 200_000_000
+# DEFAULT_CPU_THREADS. Measured by bench/bench_threads.py on the shared 2-core EPYC with
+# OMP_WAIT_POLICY=PASSIVE ("Thread choice per layer" in BENCHMARKS.md): two threads lost or
+# tied up to 38 MFLOP/step and won from 65-134 MFLOP/step on. It must stay above the
+# bundled digits model's largest layer (75.5 MFLOP/step at batch 32), which thus keeps its
+# single-threaded, bit-identical results.
+PARALLEL_MIN_STEP_FLOPS = 100_000_000
 
 
 def _available_cpu_threads() -> int:
