@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from adaround_core.reconstruction.threads import AVAILABLE_CPU_THREADS
 from tasks.artifacts import Artifact, LayerResult
 from tasks.model_state import compute_device
 from tasks.params import PipelineParams
@@ -46,10 +47,15 @@ class LayerJob:
                    self.calls, [r.digest for r in self.previous],
                    self.params.digest("quant", "calibration"),
                    compute_device(self.params).type,  # the GPU's sums differ
-                   self.params.adaround.num_threads,  # so may sums over other thread counts
+                   self._threads(),  # so may sums over other thread counts
                    torch.__version__,  # and those of another torch
                    *extra]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def _threads(self) -> int | str:
+        """``num_threads``, or what decides the automatic choice: the cores it may use."""
+        requested = self.params.adaround.num_threads
+        return requested if requested is not None else f"auto/{AVAILABLE_CPU_THREADS}"
 
     @property
     def cache_key(self) -> str:

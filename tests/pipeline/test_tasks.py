@@ -265,3 +265,17 @@ def test_parity_names_the_first_disagreeing_sample():
     with pytest.raises(ParityError, match=r"class 1 for evaluation sample 3 where PyTorch "
                                           r"predicts 0; only 99.80% .*nothing was recorded"):
         parity(expected, flipped)
+
+
+def test_layer_keys_carry_the_automatic_thread_choice(params, inputs, monkeypatch):
+    from tasks import layer_jobs
+
+    base = _job(params, inputs, "conv2")
+    keys = base.result_key, base.cache_key
+    monkeypatch.setattr(layer_jobs, "AVAILABLE_CPU_THREADS", layer_jobs.AVAILABLE_CPU_THREADS + 1)
+    assert base.result_key != keys[0] and base.cache_key != keys[1]  # other cores, other sums
+    explicit = params.adaround.model_copy(update={"num_threads": 1})
+    pinned = dataclasses.replace(base, params=params.model_copy(update={"adaround": explicit}))
+    pinned_keys = pinned.result_key, pinned.cache_key
+    monkeypatch.setattr(layer_jobs, "AVAILABLE_CPU_THREADS", 64)
+    assert (pinned.result_key, pinned.cache_key) == pinned_keys  # num_threads set: cores irrelevant
