@@ -1,7 +1,7 @@
 """Capture time of the pipeline's adaround stage: per-layer passes (old) vs one continued pass.
 
 A deeper model than the demo (``DeepDigitsCNN``: a stem conv, ``depth`` residual conv
-blocks and a Linear head, on the digits images; ``depth + 2`` rounded layers) is made
+blocks and a Linear head, on the digits images upsampled; ``depth + 2`` rounded layers) is made
 the pipeline's model through ``model.factory``. Data, training (1 epoch) and calibration
 run once; then the adaround stage's task bodies run layer by layer (``plan_layers``,
 ``cache_layer_activations``, ``adaround_layer``, ``assemble_checkpoint``, as
@@ -10,7 +10,8 @@ each in its own process with its own cache and results. Prints the time spent in
 cache tasks (capture and shard writing, plus frontier save/load for one-pass), the whole
 stage, and the checkpoints' SHA-256 (which must agree).
 
-    .venv/bin/python -m bench.bench_pipecapture [--depth 16] [--width 32] [--steps 20]
+    .venv/bin/python -m bench.bench_pipecapture [--depth 16] [--width 32] [--upsample 2]
+                                                [--steps 20]
 """
 
 from __future__ import annotations
@@ -31,22 +32,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class DeepDigitsCNN(nn.Module):
-    """A stem Conv-BN-ReLU, ``depth`` residual Conv-BN blocks, a Linear head (8x8 inputs)."""
+    """The 8x8 digits upsampled ``upsample`` times, a stem Conv-BN-ReLU, ``depth`` residual
+    Conv-BN blocks, global average pooling and a Linear head."""
 
-    def __init__(self, depth: int = 16, width: int = 32, num_classes: int = 10) -> None:
+    def __init__(self, depth: int = 16, width: int = 32, upsample: int = 1,
+                 num_classes: int = 10) -> None:
         super().__init__()
+        self.upsample = nn.Upsample(scale_factor=upsample) if upsample > 1 else nn.Identity()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
         self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, bias=False)
                                    for _ in range(depth))
         self.norms = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(depth))
-        self.head = nn.Linear(width * 64, num_classes)
+        self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(self.upsample(x))
         for conv, norm in zip(self.convs, self.norms, strict=True):
             x = torch.relu(x + norm(conv(x)))
-        return self.head(torch.flatten(x, 1))
+        return self.head(x.mean(dim=(2, 3)))
 
 
 def _params(project: Path, args: argparse.Namespace, method: str | None = None):
@@ -54,7 +58,8 @@ def _params(project: Path, args: argparse.Namespace, method: str | None = None):
     from tasks.params import load_params
 
     overrides = ["model.factory=bench.bench_pipecapture:DeepDigitsCNN",
-                 f"model.kwargs={{depth: {args.depth}, width: {args.width}}}",
+                 f"model.kwargs={{depth: {args.depth}, width: {args.width}, "
+                 f"upsample: {args.upsample}}}",
                  "train.kwargs.epochs=1", f"adaround.num_steps={args.steps}",
                  "adaround.num_threads=1", "tracking.enabled=false",
                  f"calibration.num_samples={args.samples}",
@@ -117,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--upsample", type=int, default=2, help="input scale (compute per layer)")
     parser.add_argument("--steps", type=int, default=20, help="adaround.num_steps")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -129,7 +135,8 @@ def main() -> None:
     project = args.project or Path(tempfile.mkdtemp(prefix="bench-pipecapture-"))
     torch.set_num_threads(1)
     prepare(project, args)
-    common = ["--depth", str(args.depth), "--width", str(args.width), "--steps",
+    common = ["--depth", str(args.depth), "--width", str(args.width), "--upsample",
+              str(args.upsample), "--steps",
               str(args.steps), "--samples", str(args.samples), "--batch-size",
               str(args.batch_size), "--project", str(project)]
     results = {}
