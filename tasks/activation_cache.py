@@ -62,13 +62,17 @@ def _remove_dead_temporaries(directory: Path) -> None:
 
 def _publish(tmp: Path, directory: Path, valid: Callable[[Path], bool] = _valid_cache) -> None:
     """Rename the finished directory into place; if another process published the same
-    one first (same key, same content), keep theirs."""
+    one first (same key, same content), keep theirs; an invalid one in the way is replaced."""
     try:
         os.replace(tmp, directory)
     except OSError as err:
-        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not valid(directory):
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        if valid(directory):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
 
 
 def _temporary(directory: Path) -> Path:
