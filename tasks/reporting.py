@@ -10,9 +10,11 @@ from tasks.io import atomic_write_bytes, write_json
 from tasks.layout import Layout
 
 
-def write_layer_outputs(layout: Layout, results: list[LayerResult]) -> None:
-    """``adaround_report.json`` (per layer, in order) and ``layer_errors.csv`` for plots."""
-    rows = [{"index": i, "layer": r.name, "result": r.path, **r.report}
+def write_layer_outputs(layout: Layout, results: list[LayerResult],
+                        capture: dict[str, str] | None = None) -> None:
+    """``adaround_report.json`` (per layer, in order; with ``capture``, how the run captured
+    the layers' inputs: ``capture_method``, ``capture_note``) and ``layer_errors.csv``."""
+    rows = [{"index": i, "layer": r.name, "result": r.path, **r.report, **(capture or {})}
             for i, r in enumerate(results)]
     write_json(layout.layer_report, rows)
     buffer = io.StringIO()
