@@ -5,7 +5,7 @@ from __future__ import annotations
 from adaround_core.reconstruction.weight_reconstruction import rounding_order
 from tasks.artifacts import Artifact, LayerPlan
 from tasks.failures import pipeline_task
-from tasks.model_state import calibrated_model, calibration_inputs
+from tasks.model_state import calibrated_model, calibration_inputs, compute_device
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
@@ -18,5 +18,5 @@ def plan_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact
     model = calibrated_model(params, dataset, float_model, calibrated)
     names, calls = rounding_order(model, example, params.adaround.exclude_prefix)
     run_logger(__name__).info("rounding %d layers on %s: %s", len(names),
-                              example.device, names)
+                              compute_device(params), names)
     return LayerPlan(names, calls)
