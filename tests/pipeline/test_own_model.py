@@ -16,6 +16,8 @@ import pytest
 import yaml
 from conftest import REPO, VENV_BIN, project_env, run_cmd, write_params
 
+from flows.environment import RESULT_STORAGE_KEYS
+
 README_SECTION = "## Use your own model"
 
 
@@ -226,19 +228,21 @@ def a_float(model, loader, *, float_model):
      "error: eval.metric 'broken:a_float': returned float; return named numbers"),
 ], ids=["factory-missing", "factory-kind", "source-kind", "checkpoint-keys", "batches",
         "metric-kind"])
-def test_bad_input_is_one_line_before_any_output(tmp_path, pipe, prefect_server, overrides,
-                                                 expected):
+def test_bad_input_is_one_line_before_any_output(tmp_path, overrides, expected):
     project = example_project(tmp_path / "project", **overrides)
     (project / "broken.py").write_text(textwrap.dedent(BROKEN))
     import torch
 
     state = torch.load(project / "encoder.pt", weights_only=True)
     torch.save({f"encoder.{k}": v for k, v in state.items()}, project / "renamed.pt")
-    proc = pipe.run_flows(project, "run", api_url=prefect_server, check=False, verbose=False)
+    env = project_env()
+    for key in RESULT_STORAGE_KEYS:  # the command picks its own (flows/environment.py)
+        env.pop(key, None)
+    proc = run_cmd([sys.executable, "-m", "flows", "run"], project, env, check=False)
     assert proc.returncode == 2, proc.stdout[-3000:]
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(expected), proc.stdout[-3000:]
-    assert "Traceback" not in proc.stdout
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
     for output in ("data/dataset", "checkpoints", "results/metrics.json"):
         assert not (project / output).exists(), output
 
