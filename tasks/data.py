@@ -218,6 +218,7 @@ def _datasets_manifest(params: PipelineParams, splits: dict, model: nn.Module) -
     check_splits(splits, source)
     calibration = head(loader(splits["calibration"], cfg.batch_size), cfg.num_samples)
     manifest = {"kind": "datasets", "source": source,
+                "batch_process": params.data.batch_process,  # shapes the model's inputs
                 "calibration": _split_summary(params, calibration, "calibration", model),
                 "evaluation": _split_summary(params, loader(splits["evaluation"],
                                                             params.eval.batch_size),
