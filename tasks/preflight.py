@@ -15,8 +15,8 @@ from tasks.params import PipelineParams, PreflightError
 STAGE_ORDER = ("data", "train", "calibrate", "adaround", "export", "evaluate")
 # Each callable of the params and the last stage that calls it: a stage checks only
 # what it or a later stage will call (every stage streams a Dataset source's batches).
-CALLABLE_LAST_USED_BY = {"train.trainer": "train", "data.source": "evaluate",
-                         "data.batch_process": "evaluate", "model.factory": "evaluate",
+CALLABLE_LAST_USED_BY = {"data.source": "evaluate", "data.batch_process": "evaluate",
+                         "train.trainer": "train", "model.factory": "evaluate",
                          "eval.metric": "evaluate"}
 
 

@@ -81,9 +81,9 @@ def test_a_stage_checks_only_the_callables_it_or_a_later_stage_calls(tmp_path, m
     with pytest.raises(PreflightError, match="train.trainer"):
         preflight(params, "data")
     preflight(params, "calibrate")  # the trainer is not called again: not imported
-    later = ["data.source", "data.batch_process", "model.factory", "eval.metric"]
-    assert callables_needed_from("adaround") == later  # a Dataset source is streamed
-    assert callables_needed_from("train") == ["train.trainer", *later]
+    data, model = ["data.source", "data.batch_process"], ["model.factory", "eval.metric"]
+    assert callables_needed_from("adaround") == data + model  # a Dataset source is streamed
+    assert callables_needed_from("train") == [*data, "train.trainer", *model]
 
 
 def test_optional_callables_set_to_null_are_not_checked(tmp_path):
