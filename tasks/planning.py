@@ -7,7 +7,7 @@ from adaround_core.reconstruction.weight_reconstruction import rounding_order
 from tasks.artifacts import Artifact, LayerPlan
 from tasks.capture import capture_verdict
 from tasks.failures import pipeline_task
-from tasks.model_state import calibrated_model, calibration_inputs
+from tasks.model_state import calibrated_model, calibration_inputs, compute_device
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
@@ -22,5 +22,5 @@ def plan_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact
     names, calls = rounding_order(model, example, params.adaround.exclude_prefix)
     method, note = capture_verdict(model, names, example, params.adaround.num_threads)
     run_logger(__name__).info("rounding %d layers on %s: %s; capture: %s%s", len(names),
-                              example.device, names, method, f" ({note})" if note else "")
+                              compute_device(params), names, method, f" ({note})" if note else "")
     return LayerPlan(names, calls, method, note)

@@ -8,6 +8,7 @@ import io
 from tasks.artifacts import LayerResult
 from tasks.io import atomic_write_bytes, write_json
 from tasks.layout import Layout
+from tasks.metrics import metrics_file
 
 
 def write_layer_outputs(layout: Layout, results: list[LayerResult],
@@ -26,18 +27,10 @@ def write_layer_outputs(layout: Layout, results: list[LayerResult],
     atomic_write_bytes(layout.layer_plot, buffer.getvalue().encode())
 
 
-def write_metrics(layout: Layout, scores: dict[str, float],
+def write_metrics(layout: Layout, scores: dict[str, dict[str, float]],
                   onnx: dict[str, float] | None = None) -> dict:
-    """``metrics.json``: top-1 of float / baseline / AdaRound and the deltas, and the
-    exported model's top-1 and parity in ONNX Runtime."""
-    metrics = {
-        "float": {"top1": scores["float"]},
-        "baseline": {"top1": scores["baseline"]},
-        "adaround": {"top1": scores["adaround"]},
-        "delta_top1": scores["adaround"] - scores["baseline"],
-        "adaround_vs_float_top1": scores["adaround"] - scores["float"],
-    }
-    if onnx is not None:
-        metrics["onnx"] = dict(onnx)
+    """``metrics.json`` (:func:`tasks.metrics.metrics_file`): the named numbers of float /
+    baseline / AdaRound, their deltas, and the exported model's in ONNX Runtime."""
+    metrics = metrics_file(scores, onnx)
     write_json(layout.metrics, metrics)
     return metrics
