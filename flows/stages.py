@@ -25,6 +25,7 @@ from tasks.activation_cache import (
 from tasks.artifacts import Artifact, LayerPlan, LayerResult
 from tasks.calibration import calibrate
 from tasks.data import prepare_data
+from tasks.disk_budget import check_cache_space
 from tasks.evaluation import evaluate_models
 from tasks.export import export_model
 from tasks.layer_adaround import adaround_layer, assemble_checkpoint
@@ -75,6 +76,7 @@ def calibrate_flow(params: PipelineParams) -> Artifact:
 def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact,
                   calibrated: Artifact) -> tuple[LayerPlan, list[LayerResult]]:
     plan = plan_layers(params, dataset, float_model, calibrated)
+    check_cache_space(params, plan.cache_bytes)  # before any layer is touched
     remove_partial_results(params)
     progress_id = create_progress_artifact(0.0, key="adaround-layers",
                                            description="layers rounded")
@@ -109,7 +111,7 @@ def adaround_flow(params: PipelineParams) -> Artifact:
         get_run_logger().info("%d layers rounded, %d reused from earlier runs",
                               len(results) - reused, reused)
         capture = {"capture_method": plan.capture_method, "capture_note": plan.capture_note}
-        write_layer_outputs(layout, results, capture)
+        write_layer_outputs(layout, results, capture, plan.cache_bytes)
         create_table_artifact([{"layer": r.name, **r.report, "reused": r.reused, **capture}
                                for r in results], key="adaround-layer-report")
         return assemble_checkpoint(params, dataset, float_model, calibrated, results,

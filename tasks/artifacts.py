@@ -27,6 +27,7 @@ class LayerPlan:
     calls: dict[str, int] = field(default_factory=dict)
     capture_method: str = "per_layer"
     capture_note: str = ""
+    cache_bytes: dict[str, int] = field(default_factory=dict)  # each layer's activation cache
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,13 @@ from tasks.metrics import metrics_file
 
 
 def write_layer_outputs(layout: Layout, results: list[LayerResult],
-                        capture: dict[str, str] | None = None) -> None:
+                        capture: dict[str, str] | None = None,
+                        cache_bytes: dict[str, int] | None = None) -> None:
     """``adaround_report.json`` (per layer, in order; with ``capture``, how the run captured
-    the layers' inputs: ``capture_method``, ``capture_note``) and ``layer_errors.csv``."""
-    rows = [{"index": i, "layer": r.name, "result": r.path, **r.report, **(capture or {})}
+    the layers' inputs: ``capture_method``, ``capture_note``; with ``cache_bytes``, the size
+    of each layer's activation cache) and ``layer_errors.csv``."""
+    rows = [{"index": i, "layer": r.name, "result": r.path, **r.report, **(capture or {}),
+             **({"cache_bytes": cache_bytes.get(r.name, 0)} if cache_bytes else {})}
             for i, r in enumerate(results)]
     write_json(layout.layer_report, rows)
     buffer = io.StringIO()
