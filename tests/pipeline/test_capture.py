@@ -22,9 +22,10 @@ CHECKPOINT = Path("checkpoints") / "adaround.safetensors"
 FRONTIERS = Path("cache") / "frontiers"
 ACTIVATIONS = Path("cache") / "activations"
 NUM_BATCHES = 4  # tiny params: 64 calibration samples in batches of 16
-# Layer calls outside capture: the plan's ordering pass, and the capture check's eager
-# and traced passes (one batch each, quantized model).
-PLAN_CALLS = 3
+# Layer calls outside capture: the plan's ordering pass, its cache-size pass, and the capture
+# check's eager and traced passes (one batch each, quantized model).
+PLAN_CALLS = 4
+PER_LAYER_PLAN_CALLS = 2  # the ordering and cache-size passes (no capture check)
 
 
 def _counting(monkeypatch) -> Counter:
@@ -96,7 +97,7 @@ def test_one_pass_runs_each_layer_about_once_per_batch_with_the_per_layer_bytes(
     # the per-layer method: layer i runs in the float passes of layers i.. and the
     # quantized passes of layers i+1..
     size = len(pipe.layers)
-    assert old_calls == {name: (2 * (size - i) - 1) * NUM_BATCHES + 1
+    assert old_calls == {name: (2 * (size - i) - 1) * NUM_BATCHES + PER_LAYER_PLAN_CALLS
                          for i, name in enumerate(pipe.layers)}, old_calls
     assert (project / CHECKPOINT).read_bytes() == (old_project / CHECKPOINT).read_bytes()
 
@@ -186,7 +187,8 @@ def test_a_model_that_cannot_be_traced_falls_back_to_per_layer_capture(
     rows = read_json(Layout(pipe.params(project)).layer_report)
     assert {r["capture_method"] for r in rows} == {"per_layer"}
     assert all(r["capture_note"].startswith("torch.fx cannot trace the model") for r in rows)
-    assert calls[pipe.layers[0]] == (2 * len(pipe.layers) - 1) * NUM_BATCHES + 1
+    assert calls[pipe.layers[0]] == ((2 * len(pipe.layers) - 1) * NUM_BATCHES
+                                     + PER_LAYER_PLAN_CALLS)
     assert _dirs(project, FRONTIERS) == []
     # the same numbers as the one-pass capture of the same network
     assert (project / CHECKPOINT).read_bytes() == (kept / CHECKPOINT).read_bytes()
