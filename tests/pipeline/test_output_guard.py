@@ -4,6 +4,7 @@ judge each layer on the model's output, and the report records the decisions."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,27 @@ def test_an_override_selects_the_output_guard(tiny_project):
         == "off"
     with pytest.raises(ValueError, match="adaround.guard"):
         load_params(tiny_project / "params.yaml", ["adaround.guard=model"])
+
+
+def test_mlflow_records_the_decisions_and_output_errors_per_layer(tmp_path, fake_results):
+    from mlflow import MlflowClient
+
+    from tasks.io import write_json
+    from tasks.tracking import _log_layers, tracking_uri
+
+    params, layout, _ = fake_results(tmp_path)
+    rows = read_json(layout.layer_report)
+    for i, row in enumerate(rows):
+        row.update(nearest_output_mse=1.0 / (i + 1), adaround_output_mse=2.0 / (i + 1),
+                   decision="nearest(output)")
+    write_json(layout.layer_report, rows)
+    client = MlflowClient(tracking_uri(params))
+    run_id = client.create_run(client.create_experiment("guard")).info.run_id
+    _log_layers(client, run_id, layout)
+    for key, top in (("nearest_output_mse", 1.0), ("adaround_output_mse", 2.0)):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        assert [m.value for m in history] == pytest.approx([top, top / 2, top / 3])
+    table = json.loads(Path(client.download_artifacts(run_id, "layer_errors.json",
+                                                      str(tmp_path))).read_text())
+    decisions = table["data"][0][table["columns"].index("decision")]
+    assert decisions == "nearest(output)"
