@@ -4,13 +4,14 @@ batches the layers are cached and optimised on, and the guard of a layer's task.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from adaround_core.reconstruction.output_guard import GUARD_OUTPUT, OutputGuard, split_held_out
-from tasks.artifacts import Artifact
-from tasks.model_state import calibration_inputs
+from tasks.artifacts import Artifact, LayerResult
+from tasks.model_state import calibrated_model, calibration_inputs, layer_models
 from tasks.params import PipelineParams
 
 
@@ -41,10 +42,12 @@ def training_inputs(params: PipelineParams, dataset: Artifact) -> list[Any]:
     return _split(params, dataset)[0]
 
 
-def output_guard(params: PipelineParams, dataset: Artifact, model: nn.Module,
-                 reference: nn.Module) -> OutputGuard | None:
-    """The output guard of a layer's task on ``model`` (earlier layers rounded) against the
-    float ``reference``, or None when ``adaround.guard`` is not ``output``."""
+def guarded_layer_model(params: PipelineParams, dataset: Artifact, float_model: Artifact,
+                        calibrated: Artifact, previous: Sequence[LayerResult],
+                        ) -> tuple[nn.Module, OutputGuard | None]:
+    """A layer task's model (the earlier layers rounded) and, with ``guard: output``, the
+    guard on it (the float model's outputs on the held-out batches computed here)."""
     if not guards_output(params):
-        return None
-    return OutputGuard(model, reference, _split(params, dataset)[1])
+        return calibrated_model(params, dataset, float_model, calibrated, previous), None
+    model, reference = layer_models(params, dataset, float_model, calibrated, previous)
+    return model, OutputGuard(model, reference, _split(params, dataset)[1])

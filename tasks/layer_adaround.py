@@ -11,20 +11,18 @@ from adaround_core.reconstruction.layer_reconstruction import layer_generator, r
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact, LayerResult
 from tasks.failures import pipeline_task
-from tasks.guard_batches import output_guard
+from tasks.guard_batches import guarded_layer_model
 from tasks.io import save_tensors
 from tasks.layer_jobs import LayerJob
 from tasks.layer_results import finished_result, write_result
-from tasks.model_state import calibrated_model, layer_models
+from tasks.model_state import calibrated_model
 from tasks.params import PipelineParams
 
 
 def _round(job: LayerJob, cache: Artifact) -> dict:
     cfg = job.params.adaround
-    model, reference = layer_models(job.params, job.dataset, job.float_model, job.calibrated,
-                                    job.previous)
-    guard = output_guard(job.params, job.dataset, model, reference)
-    del reference  # the guard keeps the float model's outputs, not the model
+    model, guard = guarded_layer_model(job.params, job.dataset, job.float_model,
+                                       job.calibrated, job.previous)
     layer = quant_layers(model)[job.name]
     generator = layer_generator(cfg.seed, job.name)
     with rounding_mode(model, cfg.num_threads):
