@@ -100,6 +100,9 @@ class OutputGuard:
         self.model, self.batches = model, list(batches)
         with torch.no_grad(), eval_mode(float_model):
             self.references = [call_model(float_model, b) for b in self.batches]
+        if output_error(self.references, self.references)[1] == 0:  # before any rounding
+            raise ValueError("guard=output: the model's output holds no floating-point tensor "
+                             "to compare; use guard: layer")
 
     @torch.no_grad()
     def error(self) -> float:
@@ -108,9 +111,6 @@ class OutputGuard:
         for batch, reference in zip(self.batches, self.references, strict=True):
             batch_total, batch_count = output_error(call_model(self.model, batch), reference)
             total, count = total + batch_total, count + batch_count
-        if count == 0:
-            raise ValueError("guard=output: the model's output holds no floating-point tensor "
-                             "to compare; use guard: layer")
         return total / count
 
     @torch.no_grad()

@@ -201,3 +201,22 @@ def test_models_with_dict_outputs_are_guarded(h):
     assert [r.name for r in report] == ["body", "a", "b"]
     assert all(r.nearest_output_mse is not None and r.decision in (ADAROUND, NEAREST_BY_OUTPUT)
                for r in report)
+
+
+class IntegerOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).argmax(1)
+
+
+def test_an_output_without_float_tensors_is_an_error_naming_the_fix(h):
+    q = prepare_qat_fx(IntegerOutput().eval())
+    batches = h.make_batches(3, (4, 6))
+    h.calibrate(q, batches)
+    before = q.fc.weight.detach().clone()
+    with pytest.raises(ValueError, match="no floating-point tensor.*use guard: layer"):
+        weight_reconstruction(q, batches, None, {"guard": "output", "progress": False})
+    assert torch.equal(q.fc.weight, before)
