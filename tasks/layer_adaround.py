@@ -11,6 +11,7 @@ from adaround_core.reconstruction.layer_reconstruction import layer_generator, r
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact, LayerResult
 from tasks.failures import pipeline_task
+from tasks.guard_batches import guarded_layer_model
 from tasks.io import save_tensors
 from tasks.layer_jobs import LayerJob
 from tasks.layer_results import finished_result, write_result
@@ -20,15 +21,16 @@ from tasks.params import PipelineParams
 
 def _round(job: LayerJob, cache: Artifact) -> dict:
     cfg = job.params.adaround
-    model = calibrated_model(job.params, job.dataset, job.float_model, job.calibrated,
-                             job.previous)
+    model, guard = guarded_layer_model(job.params, job.dataset, job.float_model,
+                                       job.calibrated, job.previous)
     layer = quant_layers(model)[job.name]
     generator = layer_generator(cfg.seed, job.name)
     with rounding_mode(model, cfg.num_threads):
         layer.freeze_weight_qparams()
         samples = LayerSamples.from_cache(Path(cache.path), cfg.holdout_fraction, generator,
                                           layer.weight.device)
-        report = reconstruct_layer(job.name, layer, samples, cfg, generator)
+        report = reconstruct_layer(job.name, layer, samples, cfg, generator,
+                                   output_guard=guard)
     return {"weight": layer.weight.detach(), "report": asdict(report)}
 
 

@@ -19,6 +19,7 @@ import torch
 from adaround_core.calibration.capture_method import ONE_PASS
 from adaround_core.reconstruction.threads import AVAILABLE_CPU_THREADS
 from tasks.artifacts import Artifact, LayerPlan, LayerResult
+from tasks.guard_batches import guards_output, held_out_settings
 from tasks.model_state import compute_device
 from tasks.params import PipelineParams
 from tasks.versioning import code_version, source_digest
@@ -75,13 +76,17 @@ class LayerJob:
 
     @property
     def cache_key(self) -> str:
-        """Key of the layer's cached activations."""
-        return self._digest()
+        """Key of the layer's cached activations (with ``guard: output``, of the batches
+        that are not held out)."""
+        held_out = held_out_settings(self.params)
+        return self._digest(held_out) if held_out else self._digest()
 
     @property
     def result_key(self) -> str:
         """Key of the layer's rounding result (adds the AdaRound settings)."""
-        rounding = self.params.adaround.model_dump(mode="json", exclude=ROUNDING_KEYS_IGNORED)
+        ignored = ROUNDING_KEYS_IGNORED | ({"guard_batches"} if not guards_output(self.params)
+                                           else set())
+        rounding = self.params.adaround.model_dump(mode="json", exclude=ignored)
         return self._digest(rounding)
 
     def cache_dir(self) -> Path:

@@ -19,6 +19,7 @@ from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.quant.quant_layers import QuantLayerMixin
 from adaround_core.quant.quant_math import fake_quantize
 from adaround_core.reconstruction.adaround_math import beta_at
+from adaround_core.reconstruction.output_guard import ADAROUND, OutputGuard, decide
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.soft_rounding import FusedAdam, SoftRounding
 from adaround_core.reconstruction.step_flops import step_flops
@@ -40,20 +41,23 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
 
 @dataclass(frozen=True)
 class LayerReport:
-    """Outcome of AdaRound on one layer (errors are output MSE on held-out samples)."""
+    """Outcome of AdaRound on one layer (errors are output MSE on held-out samples: the
+    layer's, and with ``guard: output`` the model's)."""
 
     name: str
     nearest_mse: float
     adaround_mse: float
-    decision: str  # "adaround" or "nearest" (the guard kept nearest rounding)
+    decision: str  # "adaround", "nearest(layer)" or "nearest(output)": which guard kept nearest
     num_steps: int
     seconds: float
     threads: int = 1  # torch intra-op threads the layer was rounded with
     step_flops: int = 0  # FLOPs of one step (forward + weight gradient on one batch)
+    nearest_output_mse: float | None = None  # the model's output error (guard: output only)
+    adaround_output_mse: float | None = None
 
     @property
     def kept_nearest(self) -> bool:
-        return self.decision == "nearest"
+        return self.decision != ADAROUND
 
 
 def optimise_rounding(layer: QuantLayerMixin, samples: LayerSamples, cfg: AdaRoundConfig,
@@ -119,11 +123,14 @@ def expected_step_flops(layer: QuantLayerMixin, samples: LayerSamples, batch_siz
 
 def reconstruct_layer(name: str, layer: QuantLayerMixin, samples: LayerSamples,
                       cfg: AdaRoundConfig, generator: torch.Generator,
-                      on_step: Callable[[int], None] | None = None) -> LayerReport:
+                      on_step: Callable[[int], None] | None = None,
+                      output_guard: OutputGuard | None = None) -> LayerReport:
     """AdaRound ``layer`` in place (its weight scale must be frozen) and report the outcome.
 
     Runs with the layer's own thread count (:func:`~.threads.layer_threads` of its step
-    FLOPs, or ``cfg.num_threads``); the previous setting is restored afterwards."""
+    FLOPs, or ``cfg.num_threads``); the previous setting is restored afterwards. With
+    ``guard: output``, ``output_guard`` judges the rounding on the model's output (with the
+    model's thread count)."""
     start = time.perf_counter()
     flops = expected_step_flops(layer, samples, cfg.batch_size or samples.default_batch_size)
     threads = layer_threads(cfg.num_threads, layer.weight.device, flops)
@@ -132,12 +139,19 @@ def reconstruct_layer(name: str, layer: QuantLayerMixin, samples: LayerSamples,
         rounded = optimise_rounding(layer, samples, cfg, generator, on_step)
         nearest_err = holdout_mse(layer, nearest, samples)
         adaround_err = holdout_mse(layer, rounded, samples)
-    keep_nearest = cfg.guard and adaround_err > nearest_err
+    output_errs = output_guard.compare(layer, nearest, rounded) if output_guard else None
+    decision = decide(cfg.guard, (nearest_err, adaround_err), output_errs)
     with torch.no_grad():
-        layer.weight.copy_(nearest if keep_nearest else rounded)
-    report = LayerReport(name, nearest_err, adaround_err, "nearest" if keep_nearest else "adaround",
-                         cfg.num_steps, time.perf_counter() - start, threads, flops)
-    logger.info("%s: output MSE nearest %.4g, adaround %.4g -> %s (%.2fs, %d thread(s), "
-                "%.3g FLOP/step)", name, nearest_err, adaround_err, report.decision,
-                report.seconds, threads, flops)
+        layer.weight.copy_(rounded if decision == ADAROUND else nearest)
+    report = LayerReport(name, nearest_err, adaround_err, decision, cfg.num_steps,
+                         time.perf_counter() - start, threads, flops,
+                         *(output_errs or (None, None)))
+    logger.info("%s: output MSE nearest %.4g, adaround %.4g%s -> %s (%.2fs, %d thread(s), "
+                "%.3g FLOP/step)", name, nearest_err, adaround_err, _model_errors(output_errs),
+                report.decision, report.seconds, threads, flops)
     return report
+
+
+def _model_errors(errors: tuple[float, float] | None) -> str:
+    return "" if errors is None else f"; model output MSE nearest {errors[0]:.4g}, " \
+                                     f"adaround {errors[1]:.4g}"

@@ -21,6 +21,7 @@ from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
 from adaround_core.reconstruction.layer_reconstruction import layer_generator, reconstruct_layer
+from adaround_core.reconstruction.output_guard import GUARD_OUTPUT, OutputGuard, split_held_out
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.rounding_mode import rounding_mode
@@ -78,11 +79,15 @@ def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], se
                         calls: dict[str, int], data: CalibrationBatches,
                         cfg: AdaRoundConfig) -> ReconstructionReport:
     float_model = float_reference(model)
-    capturer = layer_capturer(model, float_model, selected, data, data.first(),
+    training, guard = data, None
+    if cfg.guard == GUARD_OUTPUT:
+        training, held_out = split_held_out(data, cfg.guard_batches, cfg.seed)
+        guard = OutputGuard(model, float_model, held_out)
+    capturer = layer_capturer(model, float_model, selected, training, data.first(),
                               (QuantLayerMixin, FakeQuantize), ONE_PASS_CAPTURE)
     report = ReconstructionReport(capture_method=capturer.method, capture_note=capturer.note)
     try:
-        _round_in_order(layers, selected, calls, capturer, cfg, report)
+        _round_in_order(layers, selected, calls, capturer, cfg, report, guard)
     finally:
         capturer.close()
     return report
@@ -90,7 +95,7 @@ def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], se
 
 def _round_in_order(layers: dict[str, QuantLayerMixin], selected: list[str],
                     calls: dict[str, int], capturer: LayerCapturer, cfg: AdaRoundConfig,
-                    report: ReconstructionReport) -> None:
+                    report: ReconstructionReport, guard: OutputGuard | None) -> None:
     with tqdm(total=len(selected) * cfg.num_steps, unit="step", desc="AdaRound",
               disable=not cfg.progress) as bar:
         for name in selected:
@@ -102,7 +107,8 @@ def _round_in_order(layers: dict[str, QuantLayerMixin], selected: list[str],
             samples = LayerSamples.from_tensors(inputs, targets, cfg.holdout_fraction, generator)
             del inputs, targets
             report.layers.append(reconstruct_layer(name, layer, samples, cfg, generator,
-                                                   on_step=lambda _: bar.update()))
+                                                   on_step=lambda _: bar.update(),
+                                                   output_guard=guard))
 
 
 def _prepared_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
