@@ -70,6 +70,7 @@ class PointParity:
     flips: int = 0
     max_step: int = 0
     first_sample: int | None = None  # first sample with a code beyond MAX_CODE_STEP
+    first_flip_sample: int | None = None  # first sample with any differing code
 
     @property
     def flip_share(self) -> float:
@@ -86,6 +87,7 @@ class ForcedParity:
 
     points: list[PointParity]
     output_max_diff: float = 0.0
+    worst_output_sample: int | None = None  # the sample with the largest output difference
     output_range: float = 0.0
     samples: int = 0
 
@@ -113,12 +115,14 @@ class ForcedParity:
                         f"{p.first_sample}; allowed: {MAX_CODE_STEP})")
             if p.too_many_flips:
                 return (f"at the input of layer {p.label!r} {p.flip_share:.2%} of ONNX "
-                        f"Runtime's activation codes differ from PyTorch's (allowed: "
+                        f"Runtime's activation codes differ from PyTorch's, the first in "
+                        f"evaluation sample {p.first_flip_sample} (allowed: "
                         f"{MAX_FLIP_SHARE:.2%})")
         if self.output_diff_of_range > MAX_OUTPUT_DIFF:
             return (f"the outputs differ by {self.output_diff_of_range:.2e} of their range "
-                    f"(allowed: {MAX_OUTPUT_DIFF:.0e}) although every quantization point "
-                    f"was fed PyTorch's codes")
+                    f"at evaluation sample {self.worst_output_sample} (allowed: "
+                    f"{MAX_OUTPUT_DIFF:.0e}) although every quantization point was fed "
+                    f"PyTorch's codes")
         return None
 
 
@@ -224,13 +228,18 @@ def _compare_codes(parity: PointParity, expected: np.ndarray, got: np.ndarray,
     parity.codes += step.size
     parity.flips += int((step > 0).sum())
     parity.max_step = max(parity.max_step, int(step.max(initial=0)))
-    if parity.first_sample is None and step.max(initial=0) > MAX_CODE_STEP:
-        per_sample = step.reshape(len(step), -1).max(1) if step.ndim else step
+    per_sample = step.reshape(len(step), -1).max(1) if step.ndim else step.reshape(1)
+    if parity.first_flip_sample is None and per_sample.max(initial=0) > 0:
+        parity.first_flip_sample = first_sample + int(np.flatnonzero(per_sample > 0)[0])
+    if parity.first_sample is None and per_sample.max(initial=0) > MAX_CODE_STEP:
         parity.first_sample = first_sample + int(np.flatnonzero(per_sample > MAX_CODE_STEP)[0])
 
 
 def _compare_outputs(result: ForcedParity, expected: list[np.ndarray],
                      got: list[np.ndarray]) -> None:
     for e, g in zip(expected, got, strict=True):
-        result.output_max_diff = max(result.output_max_diff, float(np.abs(e - g).max(initial=0)))
+        diff = np.abs(e - g).reshape(len(e), -1).max(1) if e.ndim else np.abs(e - g).reshape(1)
+        if diff.size and float(diff.max()) > result.output_max_diff:
+            result.output_max_diff = float(diff.max())
+            result.worst_output_sample = result.samples + int(diff.argmax())
         result.output_range = max(result.output_range, float(e.max(initial=0) - e.min(initial=0)))

@@ -97,6 +97,8 @@ def test_a_wrong_output_is_named_when_every_point_is_right(h):
     result = forced_parity(model, proto, _inputs((64, 3, 6, 6)))
     assert all(p.flips == 0 for p in result.points)
     assert result.violation().startswith("the outputs differ by")
+    assert f"at evaluation sample {result.worst_output_sample} " in result.violation()
+    assert 0 <= result.worst_output_sample < result.samples
 
 
 def test_the_flip_bound_scales_with_the_tensor_and_has_a_floor():
@@ -113,5 +115,7 @@ def test_a_step_beyond_one_names_the_first_sample():
     expected = np.zeros((4, 3), np.uint8)
     got = expected.copy()
     got[2, 1] = 2
+    got[1, 0] = 1
     _compare_codes(parity, expected, got, first_sample=10)
-    assert (parity.max_step, parity.first_sample, parity.flips) == (2, 12, 1)
+    assert (parity.max_step, parity.first_sample, parity.flips) == (2, 12, 2)
+    assert parity.first_flip_sample == 11
