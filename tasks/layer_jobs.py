@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from adaround_core.calibration.capture_method import ONE_PASS
+from adaround_core.reconstruction.distributed import current_group
 from adaround_core.reconstruction.threads import AVAILABLE_CPU_THREADS
 from tasks.artifacts import Artifact, LayerPlan, LayerResult
 from tasks.model_state import compute_device
@@ -82,7 +83,8 @@ class LayerJob:
     def result_key(self) -> str:
         """Key of the layer's rounding result (adds the AdaRound settings)."""
         rounding = self.params.adaround.model_dump(mode="json", exclude=ROUNDING_KEYS_IGNORED)
-        return self._digest(rounding)
+        ranks = current_group()  # torchrun: the sum over the ranks' slices is another sum
+        return self._digest(rounding, *([f"ranks/{ranks.world_size}"] if ranks else []))
 
     def cache_dir(self) -> Path:
         return (Path(self.params.runtime.cache_dir) / "activations"
