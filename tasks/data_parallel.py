@@ -40,11 +40,13 @@ def join_pipeline_ranks(params: PipelineParams) -> RankGroup | None:
     if params.runtime.task_runner != "threads":
         raise PreflightError("params.yaml: runtime.task_runner: under torchrun the layers are "
                              "rounded by the ranks; set it to threads")
-    _check_batch_divides(group, params)
+    check_batch_divides(group, params)
     return group
 
 
-def _check_batch_divides(group: RankGroup, params: PipelineParams) -> None:
+def check_batch_divides(group: RankGroup, params: PipelineParams) -> None:
+    """The AdaRound batch (``adaround.batch_size``, else the calibration batch) splits into
+    equal shares for the ranks."""
     if params.adaround.batch_size:
         group.check_divides(params.adaround.batch_size, "adaround.batch_size",
                             "adaround.batch_size")

@@ -1,7 +1,7 @@
 """What the pipeline's data-parallel tests start with ``torchrun``: ``python -m flows`` on
 every rank, with test-only changes on rank 1.
 
-    torchrun ... ddp_launch.py [--rank1-set KEY=VALUE] [--kill-rank1-at-step N] -- STAGE ...
+    torchrun ... ddp_launch.py [--rank1-set KEY=VALUE] [--kill-rank1-at-step N] STAGE ...
 
 ``--rank1-set`` gives rank 1 one more ``-S`` override (params that differ between ranks);
 ``--kill-rank1-at-step`` SIGKILLs rank 1 at its N-th optimisation step (counted over all
@@ -33,12 +33,10 @@ def _die_at(step: int) -> None:
 
 
 def main() -> int:
-    split = sys.argv.index("--")
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--rank1-set", default=None)
     p.add_argument("--kill-rank1-at-step", type=int, default=0)
-    args = p.parse_args(sys.argv[1:split])
-    flows_args = sys.argv[split + 1:]
+    args, flows_args = p.parse_known_args()
     if os.environ.get("RANK") == "1":
         if args.rank1_set:
             flows_args += ["-S", args.rank1_set]
