@@ -104,10 +104,23 @@ def join(device: torch.device) -> RankGroup | None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 0))) \
-        if os.environ.get(TIMEOUT_ENV) else COLLECTIVE_TIMEOUT
-    dist.init_process_group(backend, timeout=timeout)
+    dist.init_process_group(backend, timeout=collective_timeout())
     return current_group()
+
+
+def collective_timeout() -> timedelta:
+    """:data:`COLLECTIVE_TIMEOUT`, or the seconds in ``$ADAROUND_COLLECTIVE_TIMEOUT_S``."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    if not text:
+        return COLLECTIVE_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={text!r}: give the seconds a rank may wait in one "
+                         f"collective, a positive number (default {COLLECTIVE_TIMEOUT})")
+    return timedelta(seconds=seconds)
 
 
 def check_same_settings(group: RankGroup, settings: dict[str, Any], label: str) -> None:

@@ -17,6 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaround_core.reconstruction.distributed import (
+    TIMEOUT_ENV,
+    RankGroup,
+    RankLostError,
+    collective_timeout,
+)
+
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = {"num_steps": 40}  # the script's calibration batches hold 8 samples
@@ -87,3 +94,25 @@ def test_a_rank_that_dies_fails_the_run_naming_it(tmp_path):
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", root_cause), \
         proc.stderr[-3000:]
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_each_rank_takes_its_equal_slice_of_the_batch():
+    slices = [RankGroup(rank, 4).part(32) for rank in range(4)]
+    assert slices == [(0, 8), (8, 16), (16, 24), (24, 32)]
+
+
+def test_a_failed_collective_names_the_peer_and_what_was_running():
+    def peer_gone():
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:29500\nmore")
+
+    with pytest.raises(RankLostError) as err:
+        RankGroup(0, 2)._collective(peer_gone, "step 3 of AdaRound")
+    assert str(err.value).startswith("rank 0: rank 1 stopped during step 3 of AdaRound "
+                                     "(Connection closed by peer [127.0.0.1]:29500); ")
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-5"])
+def test_a_bad_collective_timeout_is_refused_naming_the_variable(monkeypatch, text):
+    monkeypatch.setenv(TIMEOUT_ENV, text)
+    with pytest.raises(ValueError, match=f"^{TIMEOUT_ENV}='{text}': give the seconds"):
+        collective_timeout()
