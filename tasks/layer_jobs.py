@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from adaround_core.calibration.capture_method import ONE_PASS
+from adaround_core.reconstruction.distributed import current_group
 from adaround_core.reconstruction.threads import AVAILABLE_CPU_THREADS
 from tasks.artifacts import Artifact, LayerPlan, LayerResult
 from tasks.guard_batches import guards_output, held_out_settings
@@ -87,7 +88,8 @@ class LayerJob:
         ignored = ROUNDING_KEYS_IGNORED | ({"guard_batches"} if not guards_output(self.params)
                                            else set())
         rounding = self.params.adaround.model_dump(mode="json", exclude=ignored)
-        return self._digest(rounding)
+        ranks = current_group()  # torchrun: the sum over the ranks' slices is another sum
+        return self._digest(rounding, *([f"ranks/{ranks.world_size}"] if ranks else []))
 
     def cache_dir(self) -> Path:
         return (Path(self.params.runtime.cache_dir) / "activations"
