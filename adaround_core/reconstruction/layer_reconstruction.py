@@ -50,6 +50,7 @@ class LayerReport:
     seconds: float
     threads: int = 1  # torch intra-op threads the layer was rounded with
     step_flops: int = 0  # FLOPs of one step (forward + weight gradient on one batch)
+    layers: tuple[str, ...] = ()  # the layers a block unit rounded jointly (empty: just this one)
 
     @property
     def kept_nearest(self) -> bool:

@@ -35,3 +35,9 @@ def test_records_and_table():
     assert "nearest" in table[2]
     assert table[1].split()[-2:] == ["2", "3"]  # threads, GFLOP per step
     assert table[2].split()[-2:] == ["1", "0"]  # the defaults
+
+
+def test_a_block_row_lists_its_layers():
+    r = ReconstructionReport([LayerReport("stage.0", 0.5, 0.25, "adaround", 100, 1.5,
+                                          layers=("stage.0.conv1", "stage.0.conv2"))])
+    assert r.to_records()[0]["layers"] == ("stage.0.conv1", "stage.0.conv2")
