@@ -34,7 +34,6 @@ from adaround_core.reconstruction.layer_reconstruction import (
     nearest_weight,
 )
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
-from adaround_core.reconstruction.soft_rounding import FusedAdam, step_all
 from adaround_core.reconstruction.step_flops import GEMMS_PER_STEP, forward_flops
 from adaround_core.reconstruction.threads import intra_op_threads, layer_threads
 from adaround_core.reconstruction.unit_activations import UnitActivations
@@ -104,21 +103,18 @@ def optimise_unit(module: nn.Module, roundings: dict[FakeQuantize, LayerRounding
                   cfg: AdaRoundConfig, generator: torch.Generator,
                   on_step: Callable[[int], None] | None = None) -> None:
     """``cfg.num_steps`` Adam steps on every ``V`` (and the learned activation scales)."""
-    adams = [(r.v, FusedAdam(r.v, cfg.lr)) for r in roundings.values()]
     batch_size = cfg.batch_size or samples.default_batch_size
     soft = {fq: r.soft_weight for fq, r in roundings.items()}
     with substituted(soft), activations.active(training=True):
         for step in range(cfg.num_steps):
             beta = beta_at(step, cfg.num_steps, cfg.warm_up, cfg.b_range)
             inputs, target = samples.sample(batch_size, generator)
+            for rounding in roundings.values():
+                rounding.start_step()
             with torch.enable_grad():
-                for rounding in roundings.values():
-                    rounding.start_step()
-                loss = unit_loss(_call(module, inputs), target, channel_dim)
-                if beta is not None and cfg.weight > 0:
-                    loss = loss + cfg.weight * sum(r.regularizer(beta) for r in roundings.values())
-                loss.backward()
-            step_all(adams)
+                unit_loss(_call(module, inputs), target, channel_dim).backward()
+            for rounding in roundings.values():
+                rounding.step(cfg.weight, beta)
             activations.step()
             if on_step is not None:
                 on_step(step)
@@ -135,7 +131,7 @@ def reconstruct_unit(unit: Unit, module: nn.Module, layers: dict[str, QuantLayer
     quantizers = [layer.input_fake_quant for layer in unit_layers
                   if isinstance(layer.input_fake_quant, FakeQuantize)]
     activations = UnitActivations(quantizers, cfg, unit.name, device)
-    roundings = {layer.weight_fake_quant: LayerRounding(layer) for layer in unit_layers}
+    roundings = {layer.weight_fake_quant: LayerRounding(layer, cfg.lr) for layer in unit_layers}
     probe = samples.sample(cfg.batch_size or samples.default_batch_size,
                            torch.Generator().manual_seed(0))[0]
     flops = unit_step_flops(module, unit_layers, probe)

@@ -1,9 +1,12 @@
-"""AdaRound's rounding variable of one layer, differentiated by autograd.
+"""AdaRound's rounding variable of one layer inside a unit optimised through autograd.
 
-Block reconstruction optimises the ``V`` of several layers jointly through whatever the
-block computes between them, so its gradient comes from autograd, through the equations of
-:mod:`~adaround_core.reconstruction.adaround_math` (the same loss as the layer path's
-hand-written gradient in :mod:`~adaround_core.reconstruction.soft_rounding`).
+The unit (a block, or a layer whose activation quantizer is trained) is differentiated by
+autograd only up to each layer's weight: every step, the layer's soft weight ``W~(V)`` is
+computed by :class:`~adaround_core.reconstruction.soft_rounding.SoftRounding` and handed to
+the layer as a leaf tensor; after the backward pass its gradient ``dL/dW~`` (summed over the
+layer's calls) goes through the layer path's hand-written chain rule, regulariser included,
+into one fused Adam step on ``V``. The math per layer is thus the layer path's exactly, and
+the elementwise work on large weights stays as cheap as there.
 """
 
 from __future__ import annotations
@@ -11,44 +14,37 @@ from __future__ import annotations
 import torch
 
 from adaround_core.quant.quant_layers import QuantLayerMixin
-from adaround_core.reconstruction.adaround_math import (
-    hard_quantized_weight,
-    init_rounding_variable,
-    rectified_sigmoid,
-    rounding_regularizer,
-    soft_quantized_weight,
-    split_on_grid,
-)
+from adaround_core.reconstruction.soft_rounding import FusedAdam, SoftRounding
 
 
 class LayerRounding:
-    """``V`` of one layer (a leaf tensor for an optimizer) on its frozen weight grid.
+    """``V`` of one layer on its frozen weight grid, with its Adam state (``lr``)."""
 
-    Call :meth:`start_step` once per optimisation step: ``h(V)`` is computed there once
-    and shared by the soft weight (however often the layer is called) and the regulariser.
-    """
-
-    def __init__(self, layer: QuantLayerMixin) -> None:
-        self.scale, self.qmin, self.qmax = layer.weight_qparams()
-        self.w_floor, rest = split_on_grid(layer.weight.detach(), self.scale)
-        self.v = init_rounding_variable(rest).requires_grad_(True)
-        self._h: torch.Tensor | None = None
+    def __init__(self, layer: QuantLayerMixin, lr: float) -> None:
+        scale, qmin, qmax = layer.weight_qparams()
+        self._rounding = SoftRounding(layer.weight, scale, qmin, qmax)
+        self._adam = FusedAdam(self._rounding.v, lr)
+        self._weight: torch.Tensor | None = None
 
     def start_step(self) -> None:
-        """Compute this step's ``h(V)`` (in the autograd graph of the step)."""
-        self._h = rectified_sigmoid(self.v)
+        """Compute this step's soft weight, as a leaf whose gradient the step collects."""
+        self._weight = self._rounding.update_soft_weight().detach().requires_grad_(True)
 
     def soft_weight(self, _weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``W~ = s * clamp(W_floor + h(V), qmin, qmax)`` (the argument, the float weight
-        a weight fake-quant would receive, is ignored)."""
-        return soft_quantized_weight(self.w_floor, self._h, self.scale, self.qmin, self.qmax)
+        """This step's ``W~ = s * clamp(W_floor + h(V), qmin, qmax)`` (the argument, the
+        float weight a weight fake-quant would receive, is ignored)."""
+        return self._weight
 
-    def regularizer(self, beta: float) -> torch.Tensor:
-        """``sum(1 - |2 h(V) - 1| ^ beta)``."""
-        return rounding_regularizer(self._h, beta)
+    @torch.no_grad()
+    def step(self, reg_weight: float, beta: float | None) -> None:
+        """One Adam step on ``V`` from the collected ``dL/dW~`` and the regulariser
+        (``beta`` None: warm-up); nothing if the step did not call the layer."""
+        grad = self._weight.grad
+        self._weight = None
+        if grad is not None:
+            self._adam.step(self._rounding.grad_v(grad, reg_weight, beta))
 
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:
         """``s * clamp(W_floor + [V >= 0], qmin, qmax)``, exactly on the grid."""
-        self._h = None
-        return hard_quantized_weight(self.w_floor, self.v, self.scale, self.qmin, self.qmax)
+        return self._rounding.hard_weight()
