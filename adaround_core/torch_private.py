@@ -12,20 +12,22 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 BatchNormBase = _BatchNorm  # common base of BatchNorm1d/2d/3d (and SyncBatchNorm)
 
 __all__ = ["BatchNormBase", "conv_forward", "conv_transpose_output_padding",
            "convolution_weight_grad", "forward_hooks", "fused_adam_available",
-           "fused_adam_step", "global_forward_hooks", "sigmoid_backward", "tree_leaves",
-           "tree_map"]
+           "fused_adam_step", "global_forward_hooks", "sigmoid_backward", "tree_flatten", "tree_leaves",
+           "tree_map", "tree_unflatten"]
 
 # The private names behind the functions above, as dotted paths from ``torch``.
 PRIVATE_SYMBOLS = (
     "torch.nn.modules.batchnorm._BatchNorm",
     "torch.utils._pytree.tree_leaves",
     "torch.utils._pytree.tree_map",
+    "torch.utils._pytree.tree_flatten",
+    "torch.utils._pytree.tree_unflatten",
     "torch.nn.Conv1d._conv_forward",
     "torch.nn.Conv2d._conv_forward",
     "torch.nn.Conv3d._conv_forward",

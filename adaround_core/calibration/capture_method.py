@@ -43,15 +43,18 @@ class LayerCapturer:
     note: str = ""
     one_pass: OnePassCapture | None = field(default=None, repr=False)
 
-    def iter_layer_io(self, name: str, calls: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Per batch (and per call): the layer's quantized input and float output."""
+    def iter_layer_io(self, name: str, calls: int, quantize_input: bool = True,
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch (and per call): the layer's quantized input (its input before
+        ``input_fake_quant`` when ``quantize_input`` is False) and float output."""
         if self.one_pass is not None:
-            return self.one_pass.iter_layer_io(name)
-        return iter_layer_io(self.quant_model, self.float_model, name, calls, self.batches)
+            return self.one_pass.iter_layer_io(name, quantize_input)
+        return iter_layer_io(self.quant_model, self.float_model, name, calls, self.batches,
+                             quantize_input)
 
-    def capture_layer_io(self, name: str, calls: int,
+    def capture_layer_io(self, name: str, calls: int, quantize_input: bool = True,
                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        pairs = list(self.iter_layer_io(name, calls))
+        pairs = list(self.iter_layer_io(name, calls, quantize_input))
         return [x for x, _ in pairs], [y for _, y in pairs]
 
     def close(self) -> None:

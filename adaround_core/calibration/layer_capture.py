@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -63,31 +63,48 @@ def _check_single_input(name: str, args: tuple, kwargs: dict) -> None:
 
 
 def iter_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
-                  expected_calls: int, batches: Iterable[Any],
+                  expected_calls: int, batches: Iterable[Any], quantize_input: bool = True,
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch (and per call of the layer): the layer's fake-quantized input in
-    ``quant_model`` and its output in ``float_model`` (same qualified ``name`` in both).
+    ``quant_model`` (its input before ``input_fake_quant`` when ``quantize_input`` is
+    False) and its output in ``float_model`` (same qualified ``name`` in both).
 
     Streams: only one batch's tensors are alive at a time.
     """
-    quant_layer = quant_model.get_submodule(name)
-    float_layer = float_model.get_submodule(name)
-    inputs: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
+    def take_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        _check_single_input(name, args, kwargs)
+        if not quantize_input:
+            return args[0].detach().clone()
+        return module.input_fake_quant(args[0]).detach()
+
+    yield from iter_module_calls(quant_model, float_model, name, expected_calls, batches,
+                                 take_input, lambda output: output.detach())
+
+
+def iter_module_calls(quant_model: nn.Module, float_model: nn.Module, name: str,
+                      expected_calls: int, batches: Iterable[Any],
+                      take_input: Callable[[nn.Module, tuple, dict], Any],
+                      take_output: Callable[[Any], Any]) -> Iterator[tuple[Any, Any]]:
+    """Per batch (and per call of module ``name``): ``take_input`` of the module's call
+    arguments in ``quant_model`` and ``take_output`` of its output in ``float_model``.
+    Each pass stops once the module has been called ``expected_calls`` times."""
+    quant_module = quant_model.get_submodule(name)
+    float_module = float_model.get_submodule(name)
+    inputs: list[Any] = []
+    targets: list[Any] = []
 
     def grab_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        _check_single_input(name, args, kwargs)
-        inputs.append(module.input_fake_quant(args[0]).detach())
+        inputs.append(take_input(module, args, kwargs))
         if len(inputs) == expected_calls:
             raise _LayerReached
 
-    def grab_output(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        targets.append(output.detach())
+    def grab_output(module: nn.Module, args: tuple, output: Any) -> None:
+        targets.append(take_output(output))
         if len(targets) == expected_calls:
             raise _LayerReached
 
-    handles = [quant_layer.register_forward_pre_hook(grab_input, with_kwargs=True),
-               float_layer.register_forward_hook(grab_output)]
+    handles = [quant_module.register_forward_pre_hook(grab_input, with_kwargs=True),
+               float_module.register_forward_hook(grab_output)]
     with _hooks(handles):
         for batch in batches:
             inputs.clear()
@@ -95,14 +112,15 @@ def iter_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
             _run_until(quant_model, batch)
             _run_until(float_model, batch)
             if len(inputs) != len(targets):
-                raise RuntimeError(f"layer {name!r} ran {len(inputs)} times in the quantized "
+                raise RuntimeError(f"module {name!r} ran {len(inputs)} times in the quantized "
                                    f"model but {len(targets)} times in the float model")
             yield from zip(list(inputs), list(targets), strict=True)
 
 
 def capture_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
-                     expected_calls: int, batches: Iterable[Any],
+                     expected_calls: int, batches: Iterable[Any], quantize_input: bool = True,
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """All of :func:`iter_layer_io` as two lists (inputs, targets), in memory."""
-    pairs = list(iter_layer_io(quant_model, float_model, name, expected_calls, batches))
+    pairs = list(iter_layer_io(quant_model, float_model, name, expected_calls, batches,
+                               quantize_input))
     return [x for x, _ in pairs], [y for _, y in pairs]

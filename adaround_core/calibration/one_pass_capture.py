@@ -65,9 +65,11 @@ class OnePassCapture:
         self._float = FrontierStore(memory_budget)
         self._num_batches: int | None = None
 
-    def iter_layer_io(self, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Per batch: the layer's fake-quantized input and float output (streamed; read
-        it to the end before rounding the layer)."""
+    def iter_layer_io(self, name: str, quantize_input: bool = True,
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch: the layer's fake-quantized input (before ``input_fake_quant`` when
+        ``quantize_input`` is False) and float output (streamed; read it to the end
+        before rounding the layer)."""
         if not self._pending or self._pending[0] != name:
             expected = self._pending[0] if self._pending else "none"
             raise ValueError(f"layer {name!r} asked out of order (next is {expected!r}); "
@@ -78,7 +80,7 @@ class OnePassCapture:
         for i, (quant, floating) in enumerate(self._frontiers()):
             advance(self.graph, self.quant_model, quant, call)
             advance(self.graph, self.float_model, floating, call)
-            pair = (self._input(name, quant), self._target(floating))
+            pair = (self._input(name, quant, quantize_input), self._target(floating))
             self._quant.put(i, quant)
             self._float.put(i, floating)
             count += 1
@@ -98,8 +100,10 @@ class OnePassCapture:
         for i in range(self._num_batches):
             yield self._quant.take(i), self._float.take(i)
 
-    def _input(self, name: str, frontier: Frontier) -> torch.Tensor:
+    def _input(self, name: str, frontier: Frontier, quantize: bool) -> torch.Tensor:
         (arg,), _ = node_arguments(self.graph.layer_node(name), frontier.values)
+        if not quantize:
+            return arg.detach().clone()
         layer = self.quant_model.get_submodule(name)
         with torch.no_grad():
             x = layer.input_fake_quant(arg).detach()

@@ -6,8 +6,10 @@ A ``FakeQuantize`` only holds buffers, an observer and flags; the math lives in
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,7 +33,13 @@ class FakeQuantize(nn.Module):
     ``axis`` is None for per-tensor quantization, else the channel axis. Once
     ``frozen``, the qparams never change again (weights after AdaRound: their
     rounded values must stay on the grid they were rounded to).
+
+    ``substitute``, while set, replaces the VALIDATION-state fake quantization: block
+    reconstruction sets it on the quantizers of the unit it optimises (soft-rounded
+    weights, QDrop, learned activation scales) and clears it afterwards.
     """
+
+    substitute: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, observer: nn.Module, qmin: int, qmax: int, num_channels: int = 1,
                  axis: int | None = None) -> None:
@@ -52,6 +60,8 @@ class FakeQuantize(nn.Module):
                 self.pending = True
             return x
         if self.state is FakeQuantState.VALIDATION:
+            if self.substitute is not None:
+                return self.substitute(x)
             return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
         return x
 
@@ -115,3 +125,16 @@ def restore_fake_quantize_states(model: nn.Module, states: dict[str, FakeQuantSt
     modules = dict(model.named_modules())
     for name, state in states.items():
         modules[name].state = state
+
+
+@contextlib.contextmanager
+def substituted(substitutes: dict[FakeQuantize, Callable[[torch.Tensor], torch.Tensor]],
+                ) -> Iterator[None]:
+    """Set :attr:`FakeQuantize.substitute` of each quantizer for the block; clear it after."""
+    for fq, substitute in substitutes.items():
+        fq.substitute = substitute
+    try:
+        yield
+    finally:
+        for fq in substitutes:
+            fq.substitute = None

@@ -55,6 +55,7 @@ class LayerReport:
     step_flops: int = 0  # FLOPs of one step (forward + weight gradient on one batch)
     nearest_output_mse: float | None = None  # the model's output error (guard: output only)
     adaround_output_mse: float | None = None
+    layers: tuple[str, ...] = ()  # the layers a block unit rounded jointly (empty: just this one)
 
     @property
     def kept_nearest(self) -> bool:

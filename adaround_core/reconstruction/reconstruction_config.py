@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from adaround_core.config import EngineConfig
 
@@ -37,8 +37,20 @@ class AdaRoundConfig(EngineConfig):
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of cached samples kept for evaluation")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: chosen automatically")
     progress: bool = Field(True, description="show a progress bar")
+    # Beyond layer-wise AdaRound (README, "Block reconstruction, QDrop, learned activation scales").
+    granularity: Literal["layer", "block"] = Field(
+        "layer", description="reconstruct each layer, or each block (BRECQ) with its layers jointly")
+    blocks: list[str] | None = Field(None, description="block module names; None: found automatically")
+    drop_prob: float = Field(0.0, ge=0.0, lt=1.0, description="QDrop: chance an activation stays float")
+    activation_lr: float | None = Field(None, gt=0.0, description="Adam lr of learned activation scales (LSQ); None: off")
 
-    @field_validator("exclude_prefix", mode="before")
+    @property
+    def trains_activations(self) -> bool:
+        """Whether the unit's activation fake-quants take part in the optimisation (QDrop or
+        learned scales): such units need autograd through the whole unit."""
+        return self.drop_prob > 0.0 or self.activation_lr is not None
+
+    @field_validator("exclude_prefix", "blocks", mode="before")
     @classmethod
     def _prefixes_not_a_string(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -54,6 +66,20 @@ class AdaRoundConfig(EngineConfig):
         if isinstance(value, bool):  # the seed-era boolean: True was the layer guard
             return "layer" if value else "off"
         return value
+
+    @model_validator(mode="after")
+    def _blocks_need_block_granularity(self) -> AdaRoundConfig:
+        if self.blocks is not None and self.granularity != "block":
+            raise ValueError("'blocks' is given but granularity is 'layer'; "
+                             "set granularity: block (or leave blocks out)")
+        return self
+
+    @model_validator(mode="after")
+    def _output_guard_needs_the_layer_path(self) -> AdaRoundConfig:
+        if self.guard == "output" and (self.granularity == "block" or self.trains_activations):
+            raise ValueError("guard: output works with granularity: layer and without "
+                             "drop_prob / activation_lr; use guard: layer with those")
+        return self
 
     @field_validator("b_range", mode="before")
     @classmethod

@@ -31,8 +31,10 @@ class ReconstructionReport:
         return sum(layer.seconds for layer in self.layers)
 
     def to_records(self) -> list[dict]:
-        """One plain dict per layer (for JSON, MLflow tables, DataFrames)."""
-        return [asdict(layer) for layer in self.layers]
+        """One plain dict per layer (for JSON, MLflow tables, DataFrames); ``layers`` only
+        on the rows of block units."""
+        return [{key: value for key, value in asdict(layer).items() if key != "layers" or value}
+                for layer in self.layers]
 
     def format_table(self) -> str:
         """A fixed-width text table of the per-layer outcomes (with ``guard: output``, also

@@ -117,3 +117,10 @@ class FusedAdam:
         fused_adam_step(self.param, grad, self._exp_avg, self._exp_avg_sq, self._step, self.lr,
                         self.BETAS, self.EPS)
 
+
+@torch.no_grad()
+def step_all(adams: list[tuple[torch.Tensor, FusedAdam]]) -> None:
+    """One Adam step of each leaf tensor by its gradient, which is then cleared."""
+    for leaf, adam in adams:
+        adam.step(leaf.grad)
+        leaf.grad = None

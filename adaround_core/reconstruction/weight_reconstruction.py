@@ -16,16 +16,20 @@ from tqdm.auto import tqdm
 from adaround_core.calibration.batches import CalibrationBatches, model_device
 from adaround_core.calibration.capture_method import LayerCapturer, layer_capturer
 from adaround_core.calibration.layer_capture import first_call_order
-from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
 from adaround_core.reconstruction.distributed import RankGroup, check_same_settings, join
-from adaround_core.reconstruction.layer_reconstruction import layer_generator, reconstruct_layer
 from adaround_core.reconstruction.output_guard import GUARD_OUTPUT, OutputGuard, split_held_out
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.rounding_mode import rounding_mode
+from adaround_core.reconstruction.unit_order import (
+    block_calls,
+    reconstruct_units,
+    round_layer_unit,
+)
+from adaround_core.reconstruction.units import plan_units
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +62,22 @@ def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
         check_same_settings(ranks, cfg.model_dump(mode="json", exclude={"progress"}),
                             "custom_config_dict")
         cfg = cfg.model_copy(update={"progress": cfg.progress and ranks.rank == 0})
+        if cfg.granularity == "block" or cfg.trains_activations:
+            raise ValueError("custom_config_dict: under torchrun only granularity 'layer' "
+                             "without drop_prob / activation_lr runs data-parallel; run "
+                             "block reconstruction, QDrop and learned scales in one process")
     data = CalibrationBatches(batches, batch_process_func, model_device(calib_model),
                               cfg.num_batches)
     data.check_all()
     check_any_calibrated(layers)  # before any forward pass (one may fold BatchNorms)
     selected, calls = rounding_order(calib_model, data.first(), cfg.exclude_prefix)
+    units = plan_units(calib_model, selected, cfg)
+    calls |= block_calls(calib_model, units, data.first())
     with rounding_mode(calib_model, cfg.num_threads) as num_threads:
-        report = _reconstruct_layers(calib_model, layers, selected, calls, data, cfg, ranks)
+        if cfg.granularity == "block":
+            report = reconstruct_units(calib_model, layers, units, calls, data, cfg)
+        else:
+            report = _reconstruct_layers(calib_model, layers, selected, calls, data, cfg, ranks)
     report.num_threads = num_threads
     return report
 
@@ -111,15 +124,12 @@ def _round_in_order(layers: dict[str, QuantLayerMixin], selected: list[str],
               disable=not cfg.progress) as bar:
         for name in selected:
             bar.set_postfix_str(name)
-            layer = layers[name]
-            layer.freeze_weight_qparams()
-            inputs, targets = capturer.capture_layer_io(name, calls[name])
-            generator = layer_generator(cfg.seed, name)
-            samples = LayerSamples.from_tensors(inputs, targets, cfg.holdout_fraction, generator)
-            del inputs, targets
-            report.layers.append(reconstruct_layer(name, layer, samples, cfg, generator,
-                                                   on_step=lambda _: bar.update(),
-                                                   output_guard=guard, ranks=ranks))
+            layers[name].freeze_weight_qparams()
+            inputs, targets = capturer.capture_layer_io(name, calls[name],
+                                                        quantize_input=not cfg.trains_activations)
+            report.layers.append(round_layer_unit(name, layers, inputs, targets, cfg,
+                                                  on_step=lambda _: bar.update(),
+                                                  output_guard=guard, ranks=ranks))
 
 
 def _prepared_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:

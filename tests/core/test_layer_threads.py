@@ -6,7 +6,7 @@ import torch
 
 from adaround_core.quantization import weight_reconstruction
 from adaround_core.reconstruction import layer_reconstruction, threads
-from adaround_core.reconstruction import weight_reconstruction as wr
+from adaround_core.reconstruction import unit_order as wr  # where the layer path is called
 
 # TinyCNN on 4 x 3 x 6 x 6 batches: FLOPs of one step (forward + weight gradient), by hand
 STEP_FLOPS = {"conv1": 2 * 2 * 4 * 36 * 4 * 27, "conv2": 2 * 2 * 4 * 36 * 4 * 36,

@@ -44,3 +44,9 @@ def test_table_shows_the_model_output_errors_of_the_output_guard():
     header, row = r.format_table().splitlines()
     assert "nearest out" in header and "AdaRound out" in header
     assert row.split()[:6] == ["conv1", "0.5", "0.25", "0.125", "0.75", "nearest(output)"]
+
+
+def test_a_block_row_lists_its_layers():
+    r = ReconstructionReport([LayerReport("stage.0", 0.5, 0.25, "adaround", 100, 1.5,
+                                          layers=("stage.0.conv1", "stage.0.conv2"))])
+    assert r.to_records()[0]["layers"] == ("stage.0.conv1", "stage.0.conv2")

@@ -1,0 +1,110 @@
+"""Round units one after another: capture each unit's data, reconstruct it, write it.
+
+:func:`round_layer_unit` is the one place that picks the path of a single layer: the
+hand-written fast path (:func:`~.layer_reconstruction.reconstruct_layer`) for plain
+AdaRound, the autograd unit path when its activation quantizer is trained.
+:func:`reconstruct_units` runs ``granularity: block``: every unit is captured with its own
+forward passes (:mod:`~adaround_core.calibration.unit_capture`), a block reconstructed by
+:func:`~.unit_reconstruction.reconstruct_unit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from adaround_core.calibration.batches import CalibrationBatches
+from adaround_core.calibration.capture_method import PER_LAYER
+from adaround_core.calibration.layer_capture import capture_layer_io, first_call_order
+from adaround_core.calibration.layer_samples import LayerSamples
+from adaround_core.calibration.unit_capture import capture_unit_calls
+from adaround_core.calibration.unit_samples import unit_samples
+from adaround_core.quant.fake_quantize import FakeQuantState
+from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
+from adaround_core.quant.quant_layers import QuantLayerMixin
+from adaround_core.reconstruction.distributed import RankGroup
+from adaround_core.reconstruction.layer_reconstruction import (
+    LayerReport,
+    layer_generator,
+    reconstruct_layer,
+)
+from adaround_core.reconstruction.output_guard import OutputGuard
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
+from adaround_core.reconstruction.report import ReconstructionReport
+from adaround_core.reconstruction.unit_reconstruction import reconstruct_unit
+from adaround_core.reconstruction.units import Unit
+
+BLOCK_CAPTURE_NOTE = "granularity 'block': each unit is captured with its own forward passes"
+
+
+def round_layer_unit(name: str, layers: dict[str, QuantLayerMixin], inputs: list[torch.Tensor],
+                     targets: list[torch.Tensor], cfg: AdaRoundConfig,
+                     on_step: Callable[[int], None] | None = None,
+                     output_guard: OutputGuard | None = None,
+                     ranks: RankGroup | None = None) -> LayerReport:
+    """Round one layer from its captured inputs: fake-quantized ones for the fast path
+    (which takes ``output_guard`` and ``ranks``); with ``cfg.trains_activations``, the
+    inputs before its activation fake-quant."""
+    generator = layer_generator(cfg.seed, name)
+    if cfg.trains_activations:
+        calls = [((x,), {}, y) for x, y in zip(inputs, targets, strict=True)]
+        samples = unit_samples(name, calls, cfg.holdout_fraction, generator)
+        del inputs, targets, calls
+        return reconstruct_unit(Unit(name, (name,)), layers[name], layers, samples, cfg,
+                                generator, on_step)
+    samples = LayerSamples.from_tensors(inputs, targets, cfg.holdout_fraction, generator)
+    del inputs, targets
+    return reconstruct_layer(name, layers[name], samples, cfg, generator, on_step,
+                             output_guard=output_guard, ranks=ranks)
+
+
+def block_calls(model: nn.Module, units: list[Unit], batch: Any) -> dict[str, int]:
+    """How often a float forward pass on ``batch`` calls each block unit's module; an
+    error naming a block its forward never calls as a module."""
+    blocks = {u.name: model.get_submodule(u.name) for u in units if u.is_block}
+    if not blocks:
+        return {}
+    with eval_mode(model), fake_quant_state(model, FakeQuantState.FLOAT):
+        _, calls = first_call_order(model, blocks, batch)
+    for name in blocks:
+        if not calls[name]:
+            raise ValueError(f"block {name!r} is never called as a module (its parent calls "
+                             f"its layers directly); name other modules in "
+                             f"custom_config_dict['blocks'] or use granularity: layer")
+    return {name: calls[name] for name in blocks}
+
+
+def reconstruct_units(model: nn.Module, layers: dict[str, QuantLayerMixin], units: list[Unit],
+                      calls: dict[str, int], data: CalibrationBatches,
+                      cfg: AdaRoundConfig) -> ReconstructionReport:
+    """Reconstruct ``units`` in order (model in rounding mode); the report, a row per unit."""
+    float_model = float_reference(model)
+    report = ReconstructionReport(capture_method=PER_LAYER, capture_note=BLOCK_CAPTURE_NOTE)
+    with tqdm(total=len(units) * cfg.num_steps, unit="step", desc="AdaRound",
+              disable=not cfg.progress) as bar:
+        for unit in units:
+            bar.set_postfix_str(unit.name)
+            for name in unit.layers:
+                layers[name].freeze_weight_qparams()
+            report.layers.append(_round_unit(model, float_model, layers, unit, calls, data,
+                                             cfg, lambda _: bar.update()))
+    return report
+
+
+def _round_unit(model: nn.Module, float_model: nn.Module, layers: dict[str, QuantLayerMixin],
+                unit: Unit, calls: dict[str, int], data: CalibrationBatches,
+                cfg: AdaRoundConfig, on_step: Callable[[int], None]) -> LayerReport:
+    if not unit.is_block:
+        inputs, targets = capture_layer_io(model, float_model, unit.name, calls[unit.name], data,
+                                           quantize_input=not cfg.trains_activations)
+        return round_layer_unit(unit.name, layers, inputs, targets, cfg, on_step)
+    generator = layer_generator(cfg.seed, unit.name)
+    captured = capture_unit_calls(model, float_model, unit.name, calls[unit.name], data)
+    samples = unit_samples(unit.name, captured, cfg.holdout_fraction, generator)
+    del captured
+    return reconstruct_unit(unit, model.get_submodule(unit.name), layers, samples, cfg,
+                            generator, on_step)
