@@ -334,8 +334,9 @@ def log_pipeline_run(params: PipelineParams, layout: Layout, metrics: dict) -> R
             raise
         recorded = _record(local, params, layout, metrics)
         reason = err.reason if isinstance(err, TrackingStoreError) else _short(err)
-        partial = (f"; the incomplete run(s) {', '.join(created)} it holds are not this "
-                   f"run's record" if created else "")
+        partial = (f"; the partial record left there (parent run {created[0]}, never "
+                   f"FINISHED{', child runs ' + ', '.join(created[1:]) if created[1:] else ''})"
+                   f" is not this run's record" if created else "")
         logger.warning("MLflow store %s failed (%s): run %s was recorded in the LOCAL store %s "
                        "instead; view it with %s%s", uri, reason, recorded.run_id, local,
                        _view_hint(local), partial)

@@ -70,6 +70,7 @@ def pushed(dvc_project, sshd, tmp_path_factory):
     return project, remote, keys, env
 
 
+@pytest.mark.timeout(1500)  # may build the session's dvc_project first (a whole dvc repro)
 def test_a_fresh_clone_pulls_over_ssh_and_repro_runs_nothing(pushed, tmp_path,
                                                              prefect_server):
     project, remote, keys, env = pushed
