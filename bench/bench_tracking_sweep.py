@@ -86,7 +86,10 @@ class Backend:
             return f"http://127.0.0.1:{self.ports['MLFLOW_PORT']}"
         (self.root / "store").mkdir(parents=True, exist_ok=True)
         db = f"sqlite:///{self.root / 'store' / 'mlflow.db'}"
-        if self.kind == "sqlite-file":
+        if self.kind == "sqlite-file":  # created once first, as an existing mlflow.db is: four
+            from mlflow import MlflowClient  # processes creating a fresh one race on its schema
+
+            MlflowClient(db).search_experiments(max_results=1)
             return db
         port = self.ports["MLFLOW_PORT"]
         self.proc = subprocess.Popen(
@@ -134,6 +137,9 @@ def verify(uri: str, project: Path, scratch: Path) -> dict:
     for bits in BITS:
         name = f"quant.weight_bits-{bits}"
         results = project / "results" / "sweep" / name / "results"
+        if not (results / "metrics.json").is_file():
+            problems.append(f"{name}: the variant failed (no metrics.json)")
+            continue
         metrics = json.loads((results / "metrics.json").read_text())
         mine = [r for r in parents if r.data.params.get("runtime.results_dir") == str(results)]
         if len(mine) != 1:

@@ -9,6 +9,8 @@
 # pg_root for root), artifacts/ (what clients upload through the server), the logs and pid files. Settings:
 #   MLFLOW_PORT (5000)  MLFLOW_HOST (127.0.0.1; 0.0.0.0 for the team)  MLFLOW_WORKERS (2)
 #   PG_PORT (5433)      PG_BIN (newest /usr/lib/postgresql/*/bin)      PG_USER (postgres, as root)
+#   MLFLOW_ALLOWED_HOSTS (MLflow's --allowed-hosts: the names clients use, e.g.
+#   tracking-host,tracking-host:5000; MLflow's default accepts localhost and private IPs)
 # PostgreSQL listens on 127.0.0.1 only (trust auth for local connections): only the MLflow
 # server, on the same host, talks to it (postgresql+psycopg2: SQLAlchemy 2.1 defaults to psycopg 3). Clients use MLFLOW_TRACKING_URI=http://HOST:PORT.
 # uvicorn's 5 s worker health check kills workers still importing MLflow on a busy machine:
@@ -96,6 +98,7 @@ start() {
             --artifacts-destination "$DIR/artifacts" --serve-artifacts \
             --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" \
             --uvicorn-opts "--timeout-worker-healthcheck 120" \
+            ${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"} \
             >"$DIR/mlflow.log" 2>&1 &
         echo $! >"$DIR/mlflow.pid"  # its own process group: the server and its workers
         for _ in $(seq 1 360); do  # the first start creates the tables (a minute on 2 busy cores)
