@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -74,6 +75,9 @@ def pg_mlflow(tmp_path_factory):
         yield server
     finally:
         server.script("stop", check=False)
+        pgroot = server.dir / "pgroot"  # a cluster outside the test's folder (as root)
+        if pgroot.is_file() and pgroot.read_text().strip().startswith("/var/tmp/adaround-"):
+            shutil.rmtree(pgroot.read_text().strip(), ignore_errors=True)
 
 
 @pytest.fixture
