@@ -18,6 +18,10 @@ PROCESS_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    # OpenMP threads that sleep instead of spinning while they wait: with spinning, two
+    # threads ran AdaRound steps slower than one on a loaded 2-core machine (BENCHMARKS.md,
+    # "Thread choice per layer"); read once, when torch loads, so it is set before that
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 RESULT_STORAGE_KEYS = ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH")
 

@@ -17,14 +17,19 @@ from prefect.artifacts import (
 from tqdm.auto import tqdm
 
 from flows.runtime import output_lock
-from tasks.activation_cache import cache_layer_activations, remove_layer_cache
-from tasks.artifacts import Artifact, LayerResult
+from tasks.activation_cache import (
+    cache_layer_activations,
+    remove_layer_cache,
+    remove_used_frontiers,
+)
+from tasks.artifacts import Artifact, LayerPlan, LayerResult
 from tasks.calibration import calibrate
 from tasks.data import prepare_data
+from tasks.disk_budget import check_cache_space
 from tasks.evaluation import evaluate_models
 from tasks.export import export_model
 from tasks.layer_adaround import adaround_layer, assemble_checkpoint
-from tasks.layer_jobs import LayerJob
+from tasks.layer_jobs import LayerJob, plan_job
 from tasks.layer_results import finished_result, remove_partial_results
 from tasks.layout import Layout, existing
 from tasks.onnx_evaluation import evaluate_onnx
@@ -69,23 +74,29 @@ def calibrate_flow(params: PipelineParams) -> Artifact:
 
 
 def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact,
-                  calibrated: Artifact) -> list[LayerResult]:
+                  calibrated: Artifact) -> tuple[LayerPlan, list[LayerResult]]:
     plan = plan_layers(params, dataset, float_model, calibrated)
+    check_cache_space(params, plan.cache_bytes)  # before any layer is touched
     remove_partial_results(params)
     progress_id = create_progress_artifact(0.0, key="adaround-layers",
                                            description="layers rounded")
     results: list[LayerResult] = []
-    for i, name in enumerate(tqdm(plan.names, desc="AdaRound layers", unit="layer")):
-        job = LayerJob(params, dataset, float_model, calibrated, name, plan.calls[name],
-                       tuple(results))
+    job: LayerJob | None = None
+    for i, _ in enumerate(tqdm(plan.names, desc="AdaRound layers", unit="layer")):
+        job = plan_job(params, dataset, float_model, calibrated, plan, results, upstream=job)
         result = finished_result(job)  # resuming: no task, no activation cache needed
         if result is None:
-            result = adaround_layer(job, cache_layer_activations(job))
+            cache = cache_layer_activations(job)
+            if not params.runtime.keep_cache:
+                remove_used_frontiers(job)  # its cache continued them: no one else will
+            result = adaround_layer(job, cache)
             if not params.runtime.keep_cache:
                 remove_layer_cache(job)  # resume needs only the finished result
+        elif not params.runtime.keep_cache:
+            remove_used_frontiers(job)  # left by a killed run; nothing continues them now
         results.append(result)
         update_progress_artifact(progress_id, 100.0 * (i + 1) / len(plan.names))
-    return results
+    return plan, results
 
 
 @flow(persist_result=False, name="adaround")
@@ -95,12 +106,13 @@ def adaround_flow(params: PipelineParams) -> Artifact:
         dataset = existing(layout.dataset, "data")
         float_model = existing(layout.float_checkpoint, "train")
         calibrated = existing(layout.calibrated_checkpoint, "calibrate")
-        results = _round_layers(params, dataset, float_model, calibrated)
+        plan, results = _round_layers(params, dataset, float_model, calibrated)
         reused = sum(r.reused for r in results)
         get_run_logger().info("%d layers rounded, %d reused from earlier runs",
                               len(results) - reused, reused)
-        write_layer_outputs(layout, results)
-        create_table_artifact([{"layer": r.name, **r.report, "reused": r.reused}
+        capture = {"capture_method": plan.capture_method, "capture_note": plan.capture_note}
+        write_layer_outputs(layout, results, capture, plan.cache_bytes)
+        create_table_artifact([{"layer": r.name, **r.report, "reused": r.reused, **capture}
                                for r in results], key="adaround-layer-report")
         return assemble_checkpoint(params, dataset, float_model, calibrated, results,
                                    str(layout.adaround_checkpoint))

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+ROWS = (("float", "float"), ("baseline calibration", "baseline"), ("AdaRound", "adaround"))
+HEADERS = {"top1": "top-1 %"}  # a metric's column header, when not its name
+DECIMALS = {"top1": 2}  # digits shown, when not DEFAULT_DECIMALS
+DEFAULT_DECIMALS = 4
+
 
 def format_metrics(metrics: dict) -> str:
-    """The float / baseline / AdaRound table."""
-    rows = [("float", metrics["float"]["top1"]),
-            ("baseline calibration", metrics["baseline"]["top1"]),
-            ("AdaRound", metrics["adaround"]["top1"])]
-    lines = [f"{'model':<22}{'top-1 %':>9}"]
-    lines += [f"{name:<22}{value:>9.2f}" for name, value in rows]
+    """The float / baseline / AdaRound table: one column per metric name."""
+    names = list(metrics["adaround"])
+    widths = [max(9, len(HEADERS.get(n, n)) + 2) for n in names]
+    lines = [f"{'model':<22}" + "".join(f"{HEADERS.get(n, n):>{w}}"
+                                        for n, w in zip(names, widths, strict=True))]
+    rows = [(label, metrics[role]) for label, role in ROWS]
     if "onnx" in metrics:
-        lines.append(f"{'AdaRound, ONNX Runtime':<22}{metrics['onnx']['top1']:>9.2f}")
-    lines.append(f"{'AdaRound - baseline':<22}{metrics['delta_top1']:>+9.2f}")
+        rows.append(("AdaRound, ONNX Runtime", metrics["onnx"]))
+    for label, values in rows:
+        cells = "".join(f"{values[n]:>{w}.{DECIMALS.get(n, DEFAULT_DECIMALS)}f}"
+                        if n in values else f"{'-':>{w}}"
+                        for n, w in zip(names, widths, strict=True))
+        lines.append(f"{label:<22}{cells}")
+    lines.append(f"{'AdaRound - baseline':<22}" + "".join(
+        f"{metrics[f'delta_{n}']:>+{w}.{DECIMALS.get(n, DEFAULT_DECIMALS)}f}"
+        for n, w in zip(names, widths, strict=True)))
     if "registry" in metrics:
         lines.append(metrics["registry"])
     return "\n".join(lines)

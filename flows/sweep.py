@@ -101,9 +101,10 @@ def _summary_rows(variants: list[Variant], metrics: dict[str, dict]) -> list[dic
         if m is None:
             row["status"] = "failed"
         else:
-            row.update(status="completed", float_top1=m["float"]["top1"],
-                       baseline_top1=m["baseline"]["top1"],
-                       adaround_top1=m["adaround"]["top1"], delta_top1=m["delta_top1"])
+            name = next(iter(m["adaround"]))  # the metric's first name (digits: top1)
+            row.update(status="completed", **{f"{role}_{name}": m[role][name]
+                                              for role in ("float", "baseline", "adaround")},
+                       **{f"delta_{name}": m[f"delta_{name}"]})
         rows.append(row)
     return rows
 
@@ -137,10 +138,12 @@ def run_sweep(params: PipelineParams, specs: list[str]) -> dict[str, dict]:
 
 
 def format_sweep(metrics: dict[str, dict]) -> str:
-    """One line per variant: top-1 of float / baseline / AdaRound."""
+    """One line per variant: the metric's first name (digits: top-1) of float / baseline /
+    AdaRound."""
     w = max([len("variant"), *map(len, metrics)]) + 2
     lines = [f"{'variant':<{w}}{'float':>8}{'baseline':>10}{'AdaRound':>10}{'delta':>8}"]
     for name, m in metrics.items():
-        lines.append(f"{name:<{w}}{m['float']['top1']:>8.2f}{m['baseline']['top1']:>10.2f}"
-                     f"{m['adaround']['top1']:>10.2f}{m['delta_top1']:>+8.2f}")
+        key = next(iter(m["adaround"]))
+        lines.append(f"{name:<{w}}{m['float'][key]:>8.2f}{m['baseline'][key]:>10.2f}"
+                     f"{m['adaround'][key]:>10.2f}{m[f'delta_{key}']:>+8.2f}")
     return "\n".join(lines)

@@ -1,13 +1,19 @@
-"""Activation caching: a layer's quantized-model inputs and float outputs, as shards on disk."""
+"""Activation caching: a layer's quantized-model inputs and float outputs, as shards on disk.
+
+With one-pass capture (:mod:`tasks.capture`) the task also leaves the forward passes paused
+at its layer's boundary under ``<cache_dir>/frontiers/`` for the next layer's task, which
+deletes the ones it continued once its own cache exists (unless ``runtime.keep_cache``).
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-from adaround_core.calibration.layer_capture import iter_layer_io
+from adaround_core.calibration.one_pass_capture import CAPTURE_STATE
 from adaround_core.calibration.sample_store import (
     CorruptCacheError,
     read_manifest,
@@ -15,6 +21,7 @@ from adaround_core.calibration.sample_store import (
 )
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact
+from tasks.capture import open_capture
 from tasks.failures import disk_problem, pipeline_task
 from tasks.layer_jobs import LayerJob
 from tasks.model_state import calibration_inputs, layer_models
@@ -53,38 +60,66 @@ def _remove_dead_temporaries(directory: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _publish(tmp: Path, directory: Path) -> None:
-    """Rename the finished cache into place; if another process published the same
-    cache first (same key, same content), keep theirs."""
+def _publish(tmp: Path, directory: Path, valid: Callable[[Path], bool] = _valid_cache) -> None:
+    """Rename the finished directory into place; if another process published the same
+    one first (same key, same content), keep theirs; an invalid one in the way is replaced."""
     try:
         os.replace(tmp, directory)
     except OSError as err:
-        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _valid_cache(directory):
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        if valid(directory):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
 
 
-def _write_cache(job: LayerJob, directory: Path) -> int:
+def _temporary(directory: Path) -> Path:
+    """A fresh, empty temporary directory of this process next to ``directory``."""
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _remove_dead_temporaries(directory)
+    return tmp
+
+
+def _saved_frontiers(directory: Path) -> bool:
+    """Whether ``directory`` holds a finished save (its files are checked when used)."""
+    return (directory / CAPTURE_STATE).is_file()
+
+
+def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
+    """Capture the layer into its cache (and, with one-pass capture, save the paused
+    passes for the next layer first); the number of rows and where capture started."""
+    temporaries = []
     try:
-        tmp.mkdir(parents=True)
-        _remove_dead_temporaries(directory)
+        tmp = _temporary(directory)
+        temporaries.append(tmp)
         model, reference = layer_models(job.params, job.dataset, job.float_model,
                                         job.calibrated, job.previous)
         with rounding_mode(model, job.params.adaround.num_threads):
-            rows = write_layer_cache(tmp, iter_layer_io(model, reference, job.name, job.calls,
-                                                        calibration_inputs(job.params,
-                                                                           job.dataset)))
+            capture = open_capture(job, model, reference,
+                                   calibration_inputs(job.params, job.dataset))
+            try:
+                rows = write_layer_cache(tmp, capture.pairs())
+                if capture.saves_frontiers:
+                    frontiers = _temporary(job.frontier_dir())
+                    temporaries.append(frontiers)
+                    capture.save(frontiers)
+                    _publish(frontiers, job.frontier_dir(), _saved_frontiers)
+            finally:
+                capture.close()
         _publish(tmp, directory)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for path in temporaries:
+            shutil.rmtree(path, ignore_errors=True)
         problem = disk_problem(err, directory.parent, "runtime.cache_dir",
                                "the activation cache")
         if problem is None:
             raise
         raise problem from None
-    return rows
+    return rows, capture.source
 
 
 @pipeline_task(retries=2, retry_delay_seconds=1)
@@ -94,8 +129,9 @@ def cache_layer_activations(job: LayerJob) -> Artifact:
     if _valid_cache(directory):
         run_logger(__name__).info("%s: activation cache reused (%s)", job.name, directory)
     else:
-        rows = _write_cache(job, directory)
-        run_logger(__name__).info("%s: cached %d samples in %s", job.name, rows, directory)
+        rows, source = _write_cache(job, directory)
+        run_logger(__name__).info("%s: cached %d samples in %s (capture %s)", job.name, rows,
+                                  directory, source)
     return Artifact(str(directory), job.cache_key)
 
 
@@ -103,3 +139,11 @@ def remove_layer_cache(job: LayerJob) -> None:
     """Delete the layer's activation cache (its result is written; ``runtime.keep_cache``
     keeps it for runs that change only AdaRound settings)."""
     shutil.rmtree(job.cache_dir(), ignore_errors=True)
+
+
+def remove_used_frontiers(job: LayerJob) -> None:
+    """Delete the frontiers the job's capture continued from (its cache exists now; no
+    other layer continues them; ``runtime.keep_cache`` keeps them like the caches)."""
+    directory = job.upstream_frontier_dir()
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)

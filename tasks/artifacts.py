@@ -20,10 +20,14 @@ class Artifact:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """The layers to round, in first-call order, and how often each runs per forward."""
+    """The layers to round, in first-call order, and how often each runs per forward; how
+    their inputs are captured (``one_pass`` or ``per_layer``) and, for ``per_layer``, why."""
 
     names: list[str]
     calls: dict[str, int] = field(default_factory=dict)
+    capture_method: str = "per_layer"
+    capture_note: str = ""
+    cache_bytes: dict[str, int] = field(default_factory=dict)  # each layer's activation cache
 
 
 @dataclass(frozen=True)

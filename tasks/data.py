@@ -1,34 +1,49 @@
-"""Data preparation: ``data.source`` (module:function) -> one safetensors file.
+"""The data stage: check ``data.source`` and the model on it, then write the manifest.
 
-The source's result is checked before anything is written, so a bad source fails with one
-:class:`DataSourceError` naming the source and the tensor, and the previous dataset file
-stays as it was.
+Both kinds of source (``tasks/datasets.py``) are checked before anything is written, so a
+bad source, model, checkpoint or metric fails with one line naming it and the previous
+output stays as it was. The output is a directory: ``manifest.json`` (kind, sizes, sample
+structure, SHA-256 of the calibration and evaluation samples) and, for a ``tensors``
+source, ``tensors.safetensors``. A ``datasets`` source is not copied: the later stages
+stream it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from tasks.artifacts import Artifact
+from tasks.datasets import (
+    TENSOR_KEYS,
+    DataSourceError,
+    RowDigest,
+    batch_processor,
+    call_source,
+    check_splits,
+    describe,
+    first_line,
+    head,
+    loader,
+    source_kind,
+)
 from tasks.failures import pipeline_task
-from tasks.io import import_object, save_tensors
-from tasks.model_state import build_float_model
+from tasks.io import file_digest, save_tensors, write_json
+from tasks.metrics import score
+from tasks.model_state import initial_float_model
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
+from tasks.stage_data import TensorBatches
 
-REQUIRED_KEYS = ("train_x", "train_y", "calib_x", "test_x", "test_y")
+TENSORS_FILE = "tensors.safetensors"
+
+REQUIRED_KEYS = TENSOR_KEYS
 INPUT_KEYS = ("train_x", "calib_x", "test_x")
 LABEL_KEYS = ("train_y", "test_y")
 PAIRS = (("train_x", "train_y"), ("test_x", "test_y"))
-
-
-class DataSourceError(ValueError):
-    """A ``data.source`` result that breaks the data contract."""
-
-    def __init__(self, source: str, problem: str) -> None:
-        super().__init__(f"data.source {source!r}: {problem}")
 
 
 def check_is_dict(dataset: object, source: str) -> None:
@@ -124,36 +139,110 @@ def validate_dataset(dataset: object, source: str) -> dict[str, torch.Tensor]:
     return dataset
 
 
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+def _run_model(model: nn.Module, batch: Any, what: str, params: PipelineParams) -> None:
+    """``model`` (eval, no grad) on one model input; its error names ``what`` and the batch."""
+    from adaround_core.calibration.batches import call_model
+
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    except Exception as err:  # any model error means these inputs do not fit
+        raise DataSourceError(params.data.source, f"model.factory {params.model.factory!r} "
+                                                  f"cannot take {what}: {first_line(err)} (fix the data, "
+                                                  f"data.batch_process, or model.factory / "
+                                                  f"model.kwargs)") from None
 
 
-def check_model_accepts(params: PipelineParams, dataset: dict[str, torch.Tensor],
-                        source: str) -> None:
-    """A fresh float model (``model.factory``, eval, no grad) runs on one calibration
-    batch and on two test samples."""
-    model = build_float_model(params).eval()
+def process_batch(process, batch: Any, where: str, params: PipelineParams) -> Any:
+    """``data.batch_process`` of one batch; its failure names the batch."""
+    try:
+        return process(batch)
+    except Exception as err:  # the user's code
+        raise DataSourceError(params.data.source, f"data.batch_process "
+                                                  f"{params.data.batch_process!r} failed on "
+                                                  f"{where}: {type(err).__name__}: "
+                                                  f"{first_line(err)}") from None
+
+
+def check_model_accepts(params: PipelineParams, model: nn.Module,
+                        dataset: dict[str, torch.Tensor]) -> None:
+    """The float model runs on one calibration batch and on two test samples."""
     batches = {"calib_x": dataset["calib_x"][: params.calibration.batch_size],
                "test_x": dataset["test_x"][:2]}
     for key, batch in batches.items():
+        _run_model(model, batch, f"{key} of shape {tuple(batch.shape)}", params)
+
+
+def check_metric(params: PipelineParams, model: nn.Module, first_batch: Any) -> None:
+    """``eval.metric`` returns named numbers on the first evaluation batch."""
+    score(params, model, [first_batch], model)
+
+
+def _tensors_manifest(params: PipelineParams, dataset: dict[str, torch.Tensor], model: nn.Module,
+                      directory: Path) -> dict:
+    validate_dataset(dataset, params.data.source)
+    check_model_accepts(params, model, dataset)
+    check_metric(params, model, next(iter(TensorBatches(dataset["test_x"], dataset["test_y"],
+                                                        params.eval.batch_size))))
+    digest = save_tensors(directory / TENSORS_FILE, dataset)
+    return {"kind": "tensors", "source": params.data.source,
+            "tensors": {"file": TENSORS_FILE, "sha256": digest,
+                        "shapes": {k: list(v.shape) for k, v in dataset.items()}}}
+
+
+def _split_summary(params: PipelineParams, batches, split: str, model: nn.Module) -> dict:
+    """Stream ``batches``: the first through the model (and the metric), all hashed and
+    checked for NaN/Inf."""
+    from adaround_core.calibration.batches import check_finite
+
+    digest, process, structure = RowDigest(), batch_processor(params), None
+    for i, batch in enumerate(batches):
+        if structure is None:
+            structure = describe(batch)
+            inputs = process_batch(process, batch, f"{split} batch {i}", params)
+            _run_model(model, inputs, f"{split} batch {i} ({describe(inputs)})", params)
+            if split == "evaluation":
+                check_metric(params, model, batch)
         try:
-            with torch.no_grad():
-                model(batch)
-        except Exception as err:  # any model error means these inputs do not fit
-            raise DataSourceError(source, f"model.factory {params.model.factory!r} cannot "
-                                          f"take {key} of shape {tuple(batch.shape)}: "
-                                          f"{_first_line(err)} (fix the data, or model.factory "
-                                          f"/ model.kwargs)") from None
+            check_finite(batch, i)
+            digest.update(batch)
+        except ValueError as err:
+            raise DataSourceError(params.data.source, f"{split}: {first_line(err)}") from None
+    if structure is None:
+        raise DataSourceError(params.data.source, f"{split} yielded no batch")
+    return {"samples": digest.samples, "sample": structure, "sha256": digest.hexdigest()}
+
+
+def _datasets_manifest(params: PipelineParams, splits: dict, model: nn.Module) -> dict:
+    source, cfg = params.data.source, params.calibration
+    check_splits(splits, source)
+    calibration = head(loader(splits["calibration"], cfg.batch_size), cfg.num_samples)
+    manifest = {"kind": "datasets", "source": source,
+                "batch_process": params.data.batch_process,  # shapes the model's inputs
+                "calibration": _split_summary(params, calibration, "calibration", model),
+                "evaluation": _split_summary(params, loader(splits["evaluation"],
+                                                            params.eval.batch_size),
+                                             "evaluation", model)}
+    if "train" in splits and hasattr(splits["train"], "__len__"):
+        manifest["train"] = {"samples": len(splits["train"])}
+    return manifest
 
 
 @pipeline_task(retries=2, retry_delay_seconds=1)  # a DataSourceError is not retried
 def prepare_data(params: PipelineParams, out: str) -> Artifact:
-    """Build the dataset with ``data.source``, check it, and save it to ``out``."""
-    source = params.data.source
-    dataset = validate_dataset(import_object(source)(**params.data.kwargs), source)
-    check_model_accepts(params, dataset, source)
-    digest = save_tensors(Path(out), dataset)
-    run_logger(__name__).info("dataset %s: %s", out,
-                              {k: tuple(v.shape) for k, v in dataset.items()})
-    return Artifact(out, digest)
+    """Check ``data.source`` with the float model (and ``model.pretrained``, and
+    ``eval.metric`` on one batch), then write the manifest ``out`` (and, for tensors, the
+    tensors beside it)."""
+    result = call_source(params)
+    kind = source_kind(result, params.data.source)
+    model = initial_float_model(params).eval()
+    directory = Path(out).parent
+    if kind == "tensors":
+        manifest = _tensors_manifest(params, result, model, directory)
+    else:
+        manifest = _datasets_manifest(params, result, model)
+    write_json(Path(out), manifest)
+    if kind == "datasets":
+        (directory / TENSORS_FILE).unlink(missing_ok=True)  # from an earlier tensors source
+    run_logger(__name__).info("dataset %s: %s", out, manifest)
+    return Artifact(out, file_digest(Path(out)))

@@ -1,27 +1,26 @@
-"""Evaluation of the float, baseline-calibrated and AdaRound models."""
+"""Evaluation of the float, baseline-calibrated and AdaRound models with ``eval.metric``."""
 
 from __future__ import annotations
 
 from tasks.artifacts import Artifact
 from tasks.failures import pipeline_task
-from tasks.io import import_object, load_tensors
+from tasks.metrics import score
 from tasks.model_state import calibrated_model, compute_device, load_float_model
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
+from tasks.stage_data import open_data
 
 
 @pipeline_task(retries=1)
 def evaluate_models(params: PipelineParams, dataset: Artifact, float_model: Artifact,
-                    calibrated: Artifact, rounded: Artifact) -> dict[str, float]:
-    """``eval.metric`` of each model on the test split, and the AdaRound - baseline delta."""
-    data = load_tensors(dataset.file)
-    metric = import_object(params.eval.metric)
+                    calibrated: Artifact, rounded: Artifact) -> dict[str, dict[str, float]]:
+    """``eval.metric``'s named numbers of each model on the evaluation data, by role."""
     device = compute_device(params)
-    x, y = data["test_x"].to(device), data["test_y"].to(device)
-    models = {"float": load_float_model(params, float_model.file),
+    batches = open_data(params, dataset).evaluation(device)
+    reference = load_float_model(params, float_model.file)
+    models = {"float": reference,
               "baseline": calibrated_model(params, dataset, float_model, calibrated),
               "adaround": calibrated_model(params, dataset, float_model, rounded)}
-    scores = {role: metric(model, x, y, batch_size=params.eval.batch_size)
-              for role, model in models.items()}
-    run_logger(__name__).info("top-1: %s", scores)
+    scores = {role: score(params, model, batches, reference) for role, model in models.items()}
+    run_logger(__name__).info("metrics: %s", scores)
     return scores

@@ -7,6 +7,7 @@ import torch
 
 from adaround_core.export.onnx_export import export_quantized, run_onnx_inputs
 from tasks.artifacts import Artifact
+from tasks.datasets import first_rows, to_cpu
 from tasks.failures import pipeline_task
 from tasks.io import atomic_write_bytes, file_digest, save_tensors, write_json
 from tasks.layout import Layout
@@ -24,7 +25,7 @@ def export_model(params: PipelineParams, dataset: Artifact, float_model: Artifac
     Returns the ONNX model's path and digest."""
     layout = Layout(params)
     model = calibrated_model(params, dataset, float_model, rounded).cpu()
-    example = calibration_inputs(params, dataset)[0][:EXAMPLE_ROWS].cpu()
+    example = to_cpu(first_rows(calibration_inputs(params, dataset)[0], EXAMPLE_ROWS))
     exported = export_quantized(model, example)
     save_tensors(layout.integer_weights, exported.integer_tensors)
     write_json(layout.encodings, exported.encodings)

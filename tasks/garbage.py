@@ -3,7 +3,8 @@
 What is reachable is found as the adaround stage finds it: the layer plan is walked in
 order, each layer's key depending on the rounded weights of the layers before it. The walk
 stops at the first layer without a valid result, since later layers' keys are unknown until
-it is rounded. Everything else under ``<cache_dir>/activations`` and ``<results_dir>/layers``
+it is rounded. Everything else under ``<cache_dir>/activations``, ``<cache_dir>/frontiers``
+(the forward passes one layer's capture leaves for the next) and ``<results_dir>/layers``
 (leftover temporary files and directories included) is garbage. Call under the output lock:
 a run in progress writes temporary files there.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.artifacts import Artifact, LayerResult
-from tasks.layer_jobs import LayerJob
+from tasks.layer_jobs import LayerJob, plan_job
 from tasks.layer_results import valid_result
 from tasks.layout import Layout, existing
 from tasks.params import PipelineParams
@@ -44,15 +45,17 @@ def _inputs(params: PipelineParams) -> tuple[Artifact, Artifact, Artifact]:
 
 
 def reachable_paths(params: PipelineParams) -> set[Path]:
-    """Cache directories and result files the current configuration uses: every layer's
-    up to the first layer without a valid result (whose cache directory is kept)."""
+    """Cache and frontier directories and result files the current configuration uses:
+    every layer's up to the first layer without a valid result (whose cache directory and
+    frontiers are kept)."""
     inputs = _inputs(params)
     plan = plan_layers.fn(params, *inputs)
     paths: set[Path] = set()
     results: list[LayerResult] = []
-    for name in plan.names:
-        job = LayerJob(params, *inputs, name, plan.calls[name], tuple(results))
-        paths.add(job.cache_dir())
+    job: LayerJob | None = None
+    for _ in plan.names:
+        job = plan_job(params, *inputs, plan, results, upstream=job)
+        paths.update((job.cache_dir(), job.frontier_dir()))
         result = valid_result(job)  # an invalid file is garbage: a run would delete it
         if result is None:
             break
@@ -72,6 +75,7 @@ def find_garbage(params: PipelineParams) -> list[Garbage]:
     """Everything under the caches' and results' folders that is not reachable, sorted."""
     keep = reachable_paths(params)
     roots = (Path(params.runtime.cache_dir) / "activations",
+             Path(params.runtime.cache_dir) / "frontiers",
              Path(params.runtime.results_dir) / "layers")
     return [Garbage(path, _size(path)) for root in roots if root.is_dir()
             for path in sorted(root.iterdir()) if path not in keep]

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tasks.artifacts import Artifact, LayerResult
+from adaround_core.calibration.capture_method import ONE_PASS
+from adaround_core.reconstruction.threads import AVAILABLE_CPU_THREADS
+from tasks.artifacts import Artifact, LayerPlan, LayerResult
 from tasks.model_state import compute_device
 from tasks.params import PipelineParams
 from tasks.versioning import code_version, source_digest
@@ -25,6 +28,19 @@ from tasks.versioning import code_version, source_digest
 # ``previous``); num_batches (the pipeline always passes every calibration batch).
 ROUNDING_KEYS_IGNORED = {"progress", "exclude_prefix", "num_batches"}
 KEY_CHARS_IN_NAMES = 24  # hex digits of a key in file and directory names (96 bits)
+
+
+@dataclass(frozen=True)
+class CaptureChain:
+    """How a job continues the forward pass of the plan's previous layer (one-pass capture).
+
+    ``order``: every layer of the plan, in rounding order (each task traces the same graph,
+    so saved frontiers fit); ``upstream``: the cache key of the plan's previous layer, whose
+    task saved the paused passes this one continues ("" for the first layer). Neither is
+    part of any key: a layer's inputs are the same whichever way they are captured."""
+
+    order: tuple[str, ...]
+    upstream: str = ""
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,7 @@ class LayerJob:
     name: str
     calls: int
     previous: tuple[LayerResult, ...]
+    chain: CaptureChain | None = None  # None: capture with a partial pass per batch
 
     def _digest(self, *extra: object) -> str:
         payload = [self.dataset.digest, self.calibrated.digest, code_version(),
@@ -46,10 +63,15 @@ class LayerJob:
                    self.calls, [r.digest for r in self.previous],
                    self.params.digest("quant", "calibration"),
                    compute_device(self.params).type,  # the GPU's sums differ
-                   self.params.adaround.num_threads,  # so may sums over other thread counts
+                   self._threads(),  # so may sums over other thread counts
                    torch.__version__,  # and those of another torch
                    *extra]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def _threads(self) -> int | str:
+        """``num_threads``, or what decides the automatic choice: the cores it may use."""
+        requested = self.params.adaround.num_threads
+        return requested if requested is not None else f"auto/{AVAILABLE_CPU_THREADS}"
 
     @property
     def cache_key(self) -> str:
@@ -66,6 +88,34 @@ class LayerJob:
         return (Path(self.params.runtime.cache_dir) / "activations"
                 / f"{self.name}--{self.cache_key[:KEY_CHARS_IN_NAMES]}")
 
+    def frontier_dir(self) -> Path:
+        """Where this layer's capture leaves the passes paused at its call, for the next
+        layer's task: keyed by this layer's cache key (they depend on the same things)."""
+        return (Path(self.params.runtime.cache_dir) / "frontiers"
+                / f"{self.name}--{self.cache_key[:KEY_CHARS_IN_NAMES]}")
+
+    def upstream_frontier_dir(self) -> Path | None:
+        """The previous layer's :meth:`frontier_dir`, which this layer's capture continues
+        from (None for the first layer, or without one-pass capture)."""
+        if self.chain is None or not self.chain.upstream or not self.previous:
+            return None
+        return (Path(self.params.runtime.cache_dir) / "frontiers"
+                / f"{self.previous[-1].name}--{self.chain.upstream[:KEY_CHARS_IN_NAMES]}")
+
     def result_path(self) -> Path:
         return (Path(self.params.runtime.results_dir) / "layers"
                 / f"{self.name}--{self.result_key[:KEY_CHARS_IN_NAMES]}.safetensors")
+
+
+def plan_job(params: PipelineParams, dataset: Artifact, float_model: Artifact,
+             calibrated: Artifact, plan: LayerPlan, results: Sequence[LayerResult],
+             upstream: LayerJob | None = None) -> LayerJob:
+    """The job of the plan's layer after ``results`` (the earlier layers' results, in plan
+    order); ``upstream`` is the previous layer's job (None for the first layer). Where the
+    plan found the model segmentable the job continues the previous layer's pass."""
+    name = plan.names[len(results)]
+    chain = None
+    if plan.capture_method == ONE_PASS:
+        chain = CaptureChain(tuple(plan.names), upstream.cache_key if upstream else "")
+    return LayerJob(params, dataset, float_model, calibrated, name, plan.calls[name],
+                    tuple(results), chain)

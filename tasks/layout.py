@@ -20,8 +20,14 @@ class Layout:
         return Path(directory) / name
 
     @property
+    def dataset_dir(self) -> Path:
+        """The data stage's output (a DVC output directory)."""
+        return self._in(self.params.runtime.data_dir, "dataset")
+
+    @property
     def dataset(self) -> Path:
-        return self._in(self.params.runtime.data_dir, "dataset.safetensors")
+        """The data stage's manifest: what every later stage reads the data by."""
+        return self.dataset_dir / "manifest.json"
 
     @property
     def float_checkpoint(self) -> Path:

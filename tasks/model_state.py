@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,8 +17,11 @@ from adaround_core.quant.model_modes import float_reference
 from adaround_core.quant.prepare import prepare_qat_fx
 from adaround_core.quant.quant_layers import quant_layers
 from tasks.artifacts import Artifact, LayerResult
+from tasks.datasets import first_line
 from tasks.io import import_object, load_tensors
 from tasks.params import PipelineParams
+from tasks.pretrained import load_pretrained
+from tasks.stage_data import open_data
 
 
 def compute_device(params: PipelineParams) -> torch.device:
@@ -37,12 +41,25 @@ def compute_device(params: PipelineParams) -> torch.device:
 
 
 def build_float_model(params: PipelineParams) -> nn.Module:
-    """A fresh float model from ``model.factory`` (random weights)."""
-    factory = import_object(params.model.factory)
-    model = factory(**params.model.kwargs)
+    """A fresh float model from ``model.factory`` (its own weights: random, or those a
+    loader factory loads)."""
+    spec = params.model.factory
+    try:
+        model = import_object(spec)(**params.model.kwargs)
+    except Exception as err:  # the user's code: any failure is the factory's
+        raise ValueError(f"model.factory {spec!r} failed: {type(err).__name__}: "
+                         f"{first_line(err)}") from None
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model.factory {params.model.factory!r} returned "
-                        f"{type(model).__name__}, not a torch.nn.Module")
+        raise ValueError(f"model.factory {spec!r} returned {type(model).__name__}, not a "
+                         f"torch.nn.Module")
+    return model
+
+
+def initial_float_model(params: PipelineParams) -> nn.Module:
+    """The factory's model with ``model.pretrained``'s weights when it is set."""
+    model = build_float_model(params)
+    if params.model.pretrained:
+        load_pretrained(model, params.model.pretrained, params.model.factory)
     return model
 
 
@@ -54,15 +71,9 @@ def load_float_model(params: PipelineParams, checkpoint: Path) -> nn.Module:
     return model.to(compute_device(params)).eval()
 
 
-def calibration_batches(params: PipelineParams, dataset: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The calibration inputs, split into batches, on the compute device."""
-    calib = dataset["calib_x"][: params.calibration.num_samples].to(compute_device(params))
-    return list(calib.split(params.calibration.batch_size))
-
-
-def calibration_inputs(params: PipelineParams, dataset: Artifact) -> list[torch.Tensor]:
-    """:func:`calibration_batches` of the dataset file."""
-    return calibration_batches(params, load_tensors(dataset.file))
+def calibration_inputs(params: PipelineParams, dataset: Artifact) -> list[Any]:
+    """The calibration batches (model inputs) of the dataset, on the compute device."""
+    return open_data(params, dataset).calibration(compute_device(params))
 
 
 _PREPARED: OrderedDict[tuple, nn.Module] = OrderedDict()  # prepared models of this process

@@ -1,19 +1,32 @@
-"""The exported model in ONNX Runtime: its metric, and its agreement with PyTorch."""
+"""The exported model in ONNX Runtime: its metric, and its agreement with PyTorch.
+
+Agreement is judged per evaluation sample: for classifier logits (one 2-D output) the
+predicted class must be the same (``argmax``); for any other output (embeddings, several
+outputs) the outputs' cosine similarity must reach ``MIN_COSINE`` (``cosine``);
+``eval.onnx_parity`` picks one, ``auto`` by the output's shape.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from adaround_core.calibration.batches import call_model
+from adaround_core.export.onnx_export import input_feed
+from adaround_core.torch_private import tree_leaves
 from tasks.artifacts import Artifact
 from tasks.failures import pipeline_task
-from tasks.io import import_object, load_tensors
-from tasks.model_state import calibrated_model, compute_device
+from tasks.metrics import score
+from tasks.model_state import calibrated_model, compute_device, load_float_model
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
+from tasks.stage_data import StageData, open_data
 
-MIN_AGREEMENT = 0.999  # share of evaluation samples whose prediction must be identical
+MIN_AGREEMENT = 0.999  # share of evaluation samples whose outputs must agree
+MIN_COSINE = 0.999  # cosine parity: a sample agrees when its outputs are at least this close
 
 
 class ParityError(ValueError):
@@ -22,7 +35,9 @@ class ParityError(ValueError):
 
 class OnnxModule(nn.Module):
     """An ONNX model in ONNX Runtime (CPU provider) behind ``nn.Module``'s call, so the
-    pipeline's ``eval.metric`` scores it like any model."""
+    pipeline's ``eval.metric`` scores it like any model. It takes the model's inputs as the
+    model does (positional tensors, keyword tensors) and feeds them to the graph's inputs by
+    name; it returns one tensor, or a tuple for several outputs."""
 
     def __init__(self, path: str, optimized: bool = True) -> None:
         super().__init__()
@@ -32,56 +47,95 @@ class OnnxModule(nn.Module):
         if not optimized:  # ONNX's reference semantics: no fusion into integer kernels
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (out,) = self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[:1]
-        return torch.from_numpy(out).to(x.device)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        feed = input_feed((*args, kwargs) if kwargs else args)
+        device = next(iter(feed.values())).device
+        outputs = self.session.run(None, {name: feed[name].detach().cpu().numpy()
+                                          for name in self.input_names})
+        tensors = tuple(torch.from_numpy(out).to(device) for out in outputs)
+        return tensors[0] if len(tensors) == 1 else tensors
 
 
 @torch.no_grad()
-def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
-    return torch.cat([model(x[i:i + batch_size]).cpu() for i in range(0, len(x), batch_size)]
-                     ).numpy()
+def _outputs(model: nn.Module, data: StageData, device: torch.device) -> list[np.ndarray]:
+    """Every output tensor of ``model`` over the evaluation data, samples concatenated."""
+    per_batch = [[t.float().cpu().numpy() for t in tree_leaves(call_model(model, data.model_input(b)))
+                  if isinstance(t, torch.Tensor)] for b in data.evaluation(device)]
+    return [np.concatenate(parts) for parts in zip(*per_batch, strict=True)]
 
 
-def agreement(expected: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Share of identical predictions and the largest output difference."""
-    return {"agreement": float((expected.argmax(1) == got.argmax(1)).mean()),
-            "max_abs_diff": float(np.abs(expected - got).max())}
+def parity_mode(params: PipelineParams, outputs: list[np.ndarray]) -> str:
+    """``argmax`` or ``cosine``: ``eval.onnx_parity``, ``auto`` by the outputs' shape."""
+    if params.eval.onnx_parity != "auto":
+        return params.eval.onnx_parity
+    classifier = len(outputs) == 1 and outputs[0].ndim == 2 and outputs[0].shape[1] > 1
+    return "argmax" if classifier else "cosine"
 
 
-def parity(expected: np.ndarray, got: np.ndarray) -> dict[str, float]:
+def _per_sample(outputs: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([o.reshape(len(o), -1) for o in outputs], axis=1)
+
+
+def _cosines(expected: list[np.ndarray], got: list[np.ndarray]) -> np.ndarray:
+    a, b = _per_sample(expected).astype(np.float64), _per_sample(got).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    same = np.isclose(a, b).all(axis=1)  # zero vectors included
+    return np.where(same, 1.0, (a * b).sum(1) / np.maximum(norms, 1e-30))
+
+
+def agreement(expected: list[np.ndarray], got: list[np.ndarray], mode: str
+              ) -> tuple[dict[str, float], np.ndarray]:
+    """The recorded numbers (share of agreeing samples, largest output difference; with
+    ``cosine`` also the smallest cosine) and which samples agree."""
+    diff = max(float(np.abs(e - g).max()) for e, g in zip(expected, got, strict=True))
+    if mode == "argmax":
+        same = expected[0].argmax(1) == got[0].argmax(1)
+        return {"agreement": float(same.mean()), "max_abs_diff": diff}, same
+    cosines = _cosines(expected, got)
+    same = cosines >= MIN_COSINE
+    return {"agreement": float(same.mean()), "max_abs_diff": diff,
+            "min_cosine": float(cosines.min())}, same
+
+
+def parity(expected: list[np.ndarray], got: list[np.ndarray], mode: str) -> dict[str, float]:
     """:func:`agreement`, or :class:`ParityError` naming the first disagreeing sample when
-    fewer than ``MIN_AGREEMENT`` of the predictions agree."""
-    same = expected.argmax(1) == got.argmax(1)
+    fewer than ``MIN_AGREEMENT`` of the samples agree."""
+    scores, same = agreement(expected, got, mode)
     if same.mean() < MIN_AGREEMENT:
         first = int(np.flatnonzero(~same)[0])
-        raise ParityError(f"ONNX Runtime predicts class {int(got[first].argmax())} for "
-                          f"evaluation sample {first} where PyTorch predicts "
-                          f"{int(expected[first].argmax())}; only {same.mean():.2%} of the "
-                          f"predictions agree (needed: {MIN_AGREEMENT:.1%}); nothing was "
-                          f"recorded")
-    return agreement(expected, got)
+        if mode == "argmax":
+            what = (f"predicts class {int(got[0][first].argmax())} for evaluation sample "
+                    f"{first} where PyTorch predicts {int(expected[0][first].argmax())}")
+        else:
+            what = (f"gives evaluation sample {first} outputs at cosine "
+                    f"{_cosines(expected, got)[first]:.6f} to PyTorch's (needed: "
+                    f"{MIN_COSINE})")
+        raise ParityError(f"ONNX Runtime {what}; only {same.mean():.2%} of the samples agree "
+                          f"(needed: {MIN_AGREEMENT:.1%}); nothing was recorded")
+    return scores
 
 
 @pipeline_task(retries=1)
 def evaluate_onnx(params: PipelineParams, dataset: Artifact, float_model: Artifact,
                   rounded: Artifact, onnx_model: Artifact) -> dict[str, float]:
-    """The exported model on the test split in ONNX Runtime. Parity gate: with the reference
-    kernels the graph must predict what the PyTorch AdaRound model predicts (it computes the
-    same to float32 rounding). Recorded: ``eval.metric`` of the default (optimised) session,
-    whose fused integer kernels may move an activation by a quantization step, and both
-    sessions' agreement with PyTorch."""
-    data = load_tensors(dataset.file)
-    x, y, size = data["test_x"], data["test_y"], params.eval.batch_size
+    """The exported model on the evaluation data in ONNX Runtime. Parity gate: with the
+    reference kernels the graph must give what the PyTorch AdaRound model gives (it computes
+    the same to float32 rounding). Recorded: ``eval.metric`` of the default (optimised)
+    session, whose fused integer kernels may move an activation by a quantization step, and
+    both sessions' agreement with PyTorch."""
+    data = open_data(params, dataset)
+    cpu = torch.device("cpu")
     torch_model = calibrated_model(params, dataset, float_model, rounded)
-    expected = _outputs(torch_model, x.to(compute_device(params)), size)
-    reference = parity(expected, _outputs(OnnxModule(onnx_model.path, optimized=False), x,
-                                          size))
+    expected = _outputs(torch_model, data, compute_device(params))
+    mode = parity_mode(params, expected)
+    reference = parity(expected, _outputs(OnnxModule(onnx_model.path, optimized=False), data,
+                                          cpu), mode)
     deployed = OnnxModule(onnx_model.path)
-    scores = {**agreement(expected, _outputs(deployed, x, size)),
+    scores = {**agreement(expected, _outputs(deployed, data, cpu), mode)[0],
               **{f"reference_{k}": v for k, v in reference.items()}}
-    scores["top1"] = import_object(params.eval.metric)(deployed, x, y, batch_size=size)
+    float_cpu = load_float_model(params, float_model.file).cpu()
+    scores.update(score(params, deployed, data.evaluation(cpu), float_cpu))
     run_logger(__name__).info("ONNX Runtime: %s", scores)
     return scores

@@ -37,30 +37,39 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    source: str = "adaround_core.demo.digits:digits_dataset"  # module:function -> dict of tensors
+    # module:function -> the digits-style dict of tensors, or {"calibration": Dataset,
+    # "evaluation": Dataset, "train": ... (optional)} (tasks/datasets.py)
+    source: str = "adaround_core.demo.digits:digits_dataset"
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    batch_process: str | None = None  # module:function(batch) -> model input (datasets only)
 
 
 class ModelParams(_Section):
     factory: str = "adaround_core.demo.models:DigitsCNN"  # module:function -> float nn.Module
     kwargs: dict[str, Any] = Field(default_factory=dict)
     pretrained: str | None = None  # a state_dict file (safetensors or torch); skips training
+    # a factory that loads its own weights: set train.trainer to null
 
 
 class TrainParams(_Section):
-    # module:function(model, dataset, *, seed, **kwargs) -> the trained nn.Module
-    trainer: str = "adaround_core.demo.training:train_on_dataset"
+    # module:function(model, dataset, *, seed, **kwargs) -> the trained nn.Module; null: the
+    # factory's weights as they are (also skipped when model.pretrained is set)
+    trainer: str | None = "adaround_core.demo.training:train_on_dataset"
     kwargs: dict[str, Any] = Field(default_factory=lambda: dict(DEMO_TRAIN_KWARGS))
 
 
 class CalibrationParams(_Section):
     batch_size: int = Field(32, ge=1)
-    num_samples: int = Field(256, ge=1)  # first samples of calib_x used for calibration
+    num_samples: int = Field(256, ge=1)  # first samples of the calibration data used
 
 
 class EvalParams(_Section):
-    metric: str = "adaround_core.demo.training:top1"  # module:function(model, x, y, batch_size)
+    # module:function(model, loader, *, float_model) -> {name: number} (tasks/metrics.py)
+    metric: str = "adaround_core.demo.training:top1_metric"
     batch_size: int = Field(512, ge=1)
+    # ONNX Runtime vs PyTorch: argmax (classifier logits), cosine (any other output), or
+    # auto: argmax for one 2-D output, else cosine
+    onnx_parity: Literal["auto", "argmax", "cosine"] = "auto"
 
 
 class TrackingParams(_Section):

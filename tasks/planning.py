@@ -1,11 +1,14 @@
-"""Which layers to round, in which order: read off one forward pass."""
+"""Which layers to round, in which order (read off one forward pass), and how their
+inputs are captured (one continued pass where the model's graph allows it)."""
 
 from __future__ import annotations
 
 from adaround_core.reconstruction.weight_reconstruction import rounding_order
 from tasks.artifacts import Artifact, LayerPlan
+from tasks.capture import capture_verdict
+from tasks.disk_budget import layer_cache_bytes
 from tasks.failures import pipeline_task
-from tasks.model_state import calibrated_model, calibration_inputs
+from tasks.model_state import calibrated_model, calibration_inputs, compute_device
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
@@ -13,10 +16,16 @@ from tasks.run_logging import run_logger
 @pipeline_task(retries=1)
 def plan_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact,
                 calibrated: Artifact) -> LayerPlan:
-    """Layers in first-call order, minus ``adaround.exclude_prefix``."""
-    example = calibration_inputs(params, dataset)[0]
+    """Layers in first-call order, minus ``adaround.exclude_prefix``, the capture method (a
+    warning says why when the per-layer fallback is used) and each layer's cache size."""
+    batches = calibration_inputs(params, dataset)
+    example = batches[0]
     model = calibrated_model(params, dataset, float_model, calibrated)
     names, calls = rounding_order(model, example, params.adaround.exclude_prefix)
-    run_logger(__name__).info("rounding %d layers on %s: %s", len(names),
-                              example.device, names)
-    return LayerPlan(names, calls)
+    method, note = capture_verdict(model, names, example, params.adaround.num_threads)
+    cache_bytes = layer_cache_bytes(model, names, batches)
+    run_logger(__name__).info("rounding %d layers on %s: %s; capture: %s%s; largest "
+                              "activation cache %.1f MiB", len(names), compute_device(params),
+                              names, method, f" ({note})" if note else "",
+                              max(cache_bytes.values(), default=0) / 2**20)
+    return LayerPlan(names, calls, method, note, cache_bytes)

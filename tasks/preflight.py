@@ -14,9 +14,10 @@ from tasks.params import PipelineParams, PreflightError
 
 STAGE_ORDER = ("data", "train", "calibrate", "adaround", "export", "evaluate")
 # Each callable of the params and the last stage that calls it: a stage checks only
-# what it or a later stage will call (the adaround stage does not import the data source).
-CALLABLE_LAST_USED_BY = {"data.source": "data", "train.trainer": "train",
-                         "model.factory": "evaluate", "eval.metric": "evaluate"}
+# what it or a later stage will call (every stage streams a Dataset source's batches).
+CALLABLE_LAST_USED_BY = {"data.source": "evaluate", "data.batch_process": "evaluate",
+                         "train.trainer": "train", "model.factory": "evaluate",
+                         "eval.metric": "evaluate"}
 
 
 def callables_needed_from(stage: str) -> list[str]:
@@ -27,10 +28,13 @@ def callables_needed_from(stage: str) -> list[str]:
 
 
 def check_callables(params: PipelineParams, keys: list[str] | None = None) -> None:
-    """Every ``module:function`` of the params (or of ``keys``) imports and is callable."""
+    """Every ``module:function`` of the params (or of ``keys``) imports and is callable
+    (an optional one set to null is skipped)."""
     for key in keys or list(CALLABLE_LAST_USED_BY):
         section, field = key.split(".")
         spec = getattr(getattr(params, section), field)
+        if spec is None:
+            continue
         try:
             target = import_object(spec)
         except ValueError as err:

@@ -8,11 +8,17 @@ import io
 from tasks.artifacts import LayerResult
 from tasks.io import atomic_write_bytes, write_json
 from tasks.layout import Layout
+from tasks.metrics import metrics_file
 
 
-def write_layer_outputs(layout: Layout, results: list[LayerResult]) -> None:
-    """``adaround_report.json`` (per layer, in order) and ``layer_errors.csv`` for plots."""
-    rows = [{"index": i, "layer": r.name, "result": r.path, **r.report}
+def write_layer_outputs(layout: Layout, results: list[LayerResult],
+                        capture: dict[str, str] | None = None,
+                        cache_bytes: dict[str, int] | None = None) -> None:
+    """``adaround_report.json`` (per layer, in order; with ``capture``, how the run captured
+    the layers' inputs: ``capture_method``, ``capture_note``; with ``cache_bytes``, the size
+    of each layer's activation cache) and ``layer_errors.csv``."""
+    rows = [{"index": i, "layer": r.name, "result": r.path, **r.report, **(capture or {}),
+             **({"cache_bytes": cache_bytes.get(r.name, 0)} if cache_bytes else {})}
             for i, r in enumerate(results)]
     write_json(layout.layer_report, rows)
     buffer = io.StringIO()
@@ -24,18 +30,10 @@ def write_layer_outputs(layout: Layout, results: list[LayerResult]) -> None:
     atomic_write_bytes(layout.layer_plot, buffer.getvalue().encode())
 
 
-def write_metrics(layout: Layout, scores: dict[str, float],
+def write_metrics(layout: Layout, scores: dict[str, dict[str, float]],
                   onnx: dict[str, float] | None = None) -> dict:
-    """``metrics.json``: top-1 of float / baseline / AdaRound and the deltas, and the
-    exported model's top-1 and parity in ONNX Runtime."""
-    metrics = {
-        "float": {"top1": scores["float"]},
-        "baseline": {"top1": scores["baseline"]},
-        "adaround": {"top1": scores["adaround"]},
-        "delta_top1": scores["adaround"] - scores["baseline"],
-        "adaround_vs_float_top1": scores["adaround"] - scores["float"],
-    }
-    if onnx is not None:
-        metrics["onnx"] = dict(onnx)
+    """``metrics.json`` (:func:`tasks.metrics.metrics_file`): the named numbers of float /
+    baseline / AdaRound, their deltas, and the exported model's in ONNX Runtime."""
+    metrics = metrics_file(scores, onnx)
     write_json(layout.metrics, metrics)
     return metrics

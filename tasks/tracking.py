@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from tasks.failures import is_user_error, pipeline_task
 from tasks.io import read_json
 from tasks.layout import Layout
+from tasks.metrics import by_run_role
 from tasks.params import PipelineParams, PreflightError
 from tasks.plots import layer_error_figure
 from tasks.provenance import provenance_tags
@@ -207,18 +208,9 @@ def _metrics(values: dict[str, float]) -> list[Metric]:
 
 
 def top1_metrics(metrics: dict) -> dict[str, dict[str, float]]:
-    """The metrics file's numbers, by run role."""
-    f, b, a = (metrics[key]["top1"] for key in ("float", "baseline", "adaround"))
-    onnx = {f"onnx_{k}": v for k, v in metrics.get("onnx", {}).items()}
-    return {
-        PARENT_ROLE: {"float_top1": f, "baseline_top1": b, "adaround_top1": a,
-                      "delta_top1": metrics["delta_top1"],
-                      "adaround_vs_float_top1": metrics["adaround_vs_float_top1"], **onnx},
-        "float": {"top1": f},
-        "baseline": {"top1": b, "delta_vs_float_top1": b - f},
-        "adaround": {"top1": a, "delta_top1": metrics["delta_top1"],
-                     "delta_vs_float_top1": metrics["adaround_vs_float_top1"]},
-    }
+    """The metrics file's numbers, by run role, under the metric's own names (the digits
+    default: ``top1``)."""
+    return by_run_role(metrics, PARENT_ROLE)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = str(Path(sys.executable).parent / "lint-imports")
-PACKAGES = ("adaround_core", "tasks", "flows")
+PACKAGES = ("adaround_core", "tasks", "flows", "examples")
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -36,6 +36,8 @@ def test_the_repository_keeps_every_contract():
      "Engine subpackages"),
     ("flows/sweep.py", "from flows import __main__", "No import cycles"),
     ("tasks/params.py", "import tasks.tracking", "No import cycles"),
+    ("examples/chain.py", "import tasks.io", "The examples use the engine, not the pipeline"),
+    ("adaround_core/quant/prepare.py", "import examples.chain", "The engine does not import"),
 ])
 def test_a_bad_import_breaks_a_contract(tmp_path, module, bad_import, broken):
     for package in PACKAGES:

@@ -79,6 +79,10 @@ class LayerSamples:
     def num_samples(self) -> int:
         return sum(g.inputs.num_rows for g in self._groups)
 
+    def train_row_shapes(self) -> list[tuple[tuple[int, ...], int]]:
+        """``(row shape, number of training rows)`` of each group."""
+        return [(tuple(g.inputs.row_shape), len(g.train)) for g in self._groups]
+
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch_size`` random training rows ``(inputs, targets)``."""
         g = self._groups[0] if len(self._groups) == 1 else \

@@ -46,3 +46,16 @@ def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 5
     for start in range(0, len(x), batch_size):
         correct += (model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).sum().item()
     return 100.0 * correct / len(x)
+
+
+@torch.no_grad()
+def top1_metric(model: nn.Module, loader, *, float_model: nn.Module | None = None
+                ) -> dict[str, float]:
+    """The pipeline's ``eval.metric`` of the demo: top-1 accuracy in percent over ``(x, y)``
+    batches (the same sums as :func:`top1`)."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    return {"top1": 100.0 * correct / total}

@@ -12,6 +12,7 @@ provider. BatchNorms are folded already (``prepare_qat_fx``).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ def export_quantized(model: nn.Module, example_inputs: Any, opset: int = DEFAULT
     example batch (a tensor, a tuple of positional arguments or a dict of keyword
     arguments). The model is left as it was."""
     layers = _checked_layers(model, opset, allow_nearest)
-    example = call_args(example_inputs)
+    example = call_args(in_signature_order(model, example_inputs))
     with eval_mode(model), fake_quant_state(model, FakeQuantState.FLOAT), qdq_view(model):
         try:
             proto = _trace_to_onnx(model, example, opset)
@@ -60,6 +61,31 @@ def export_quantized(model: nn.Module, example_inputs: Any, opset: int = DEFAULT
     encodings = _encodings(proto, layers, names)
     onnx.checker.check_model(proto)
     return ExportedModel(proto, encodings, integers)
+
+
+def in_signature_order(model: nn.Module, example_inputs: Any) -> Any:
+    """A dict input with its keys in the order of ``model.forward``'s parameters (the order
+    the exporter gives the graph's inputs); any other input as it is."""
+    if not isinstance(example_inputs, dict):
+        return example_inputs
+    order = [n for n in inspect.signature(model.forward).parameters if n in example_inputs]
+    return {k: example_inputs[k] for k in order + [k for k in example_inputs if k not in order]}
+
+
+def input_feed(example_inputs: Any) -> dict[str, torch.Tensor]:
+    """The graph-input name of each tensor of a model input: ``input_<i>`` for positional
+    tensors, the key for a dict's tensor (``<key>_<j>`` for a nested value's tensors)."""
+    args = call_args(example_inputs)
+    kwargs = args[-1] if args and isinstance(args[-1], dict) else {}
+    positional = args[:-1] if kwargs else args
+    feed = {f"input_{i}": t for i, t in enumerate(_tensors(positional))}
+    for key, value in kwargs.items():
+        tensors = _tensors(value)
+        if isinstance(value, torch.Tensor):
+            feed[str(key)] = value
+        else:
+            feed.update({f"{key}_{j}": t for j, t in enumerate(tensors)})
+    return feed
 
 
 def call_args(example_inputs: Any) -> tuple:
@@ -107,7 +133,7 @@ def _trace_to_onnx(model: nn.Module, args: tuple, opset: int) -> onnx.ModelProto
     import io
 
     buffer = io.BytesIO()
-    inputs = [f"input_{i}" for i in range(len(_tensors(args)))]
+    inputs = list(input_feed(args))
     with torch.no_grad():
         outputs = [f"output_{i}" for i in range(len(_tensors(_call(model, args))))]
     batch_axes = {name: {0: "batch"} for name in inputs + outputs}
@@ -173,10 +199,10 @@ def _encodings(proto: onnx.ModelProto, layers: dict[str, QuantLayerMixin],
 
 
 def run_onnx_inputs(example_inputs: Any, proto: onnx.ModelProto) -> dict[str, Any]:
-    """ONNX Runtime's feed for ``example_inputs`` (tensors in graph-input order)."""
-    names = [i.name for i in proto.graph.input]
-    tensors = _tensors(call_args(example_inputs))
-    return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors, strict=True)}
+    """ONNX Runtime's feed for ``example_inputs``: each graph input by name (an input the
+    graph does not use is not one of them)."""
+    feed = input_feed(example_inputs)
+    return {i.name: feed[i.name].detach().cpu().numpy() for i in proto.graph.input}
 
 
 def save_exported(exported: ExportedModel, onnx_path: Path, encodings_path: Path,

@@ -21,6 +21,8 @@ from adaround_core.quant.quant_math import fake_quantize
 from adaround_core.reconstruction.adaround_math import beta_at
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.soft_rounding import FusedAdam, SoftRounding
+from adaround_core.reconstruction.step_flops import step_flops
+from adaround_core.reconstruction.threads import intra_op_threads, layer_threads
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class LayerReport:
     decision: str  # "adaround" or "nearest" (the guard kept nearest rounding)
     num_steps: int
     seconds: float
+    threads: int = 1  # torch intra-op threads the layer was rounded with
+    step_flops: int = 0  # FLOPs of one step (forward + weight gradient on one batch)
 
     @property
     def kept_nearest(self) -> bool:
@@ -105,20 +109,35 @@ def holdout_mse(layer: QuantLayerMixin, weight: torch.Tensor, samples: LayerSamp
     return total / max(count, 1)
 
 
+def expected_step_flops(layer: QuantLayerMixin, samples: LayerSamples, batch_size: int) -> int:
+    """FLOPs of one step, averaged over the row shapes as often as each is drawn."""
+    shapes = samples.train_row_shapes()
+    total = sum(count for _, count in shapes)
+    return round(sum(step_flops(layer, shape, batch_size) * count
+                     for shape, count in shapes) / max(total, 1))
+
+
 def reconstruct_layer(name: str, layer: QuantLayerMixin, samples: LayerSamples,
                       cfg: AdaRoundConfig, generator: torch.Generator,
                       on_step: Callable[[int], None] | None = None) -> LayerReport:
-    """AdaRound ``layer`` in place (its weight scale must be frozen) and report the outcome."""
+    """AdaRound ``layer`` in place (its weight scale must be frozen) and report the outcome.
+
+    Runs with the layer's own thread count (:func:`~.threads.layer_threads` of its step
+    FLOPs, or ``cfg.num_threads``); the previous setting is restored afterwards."""
     start = time.perf_counter()
-    nearest = nearest_weight(layer)
-    rounded = optimise_rounding(layer, samples, cfg, generator, on_step)
-    nearest_err = holdout_mse(layer, nearest, samples)
-    adaround_err = holdout_mse(layer, rounded, samples)
+    flops = expected_step_flops(layer, samples, cfg.batch_size or samples.default_batch_size)
+    threads = layer_threads(cfg.num_threads, layer.weight.device, flops)
+    with intra_op_threads(threads):
+        nearest = nearest_weight(layer)
+        rounded = optimise_rounding(layer, samples, cfg, generator, on_step)
+        nearest_err = holdout_mse(layer, nearest, samples)
+        adaround_err = holdout_mse(layer, rounded, samples)
     keep_nearest = cfg.guard and adaround_err > nearest_err
     with torch.no_grad():
         layer.weight.copy_(nearest if keep_nearest else rounded)
     report = LayerReport(name, nearest_err, adaround_err, "nearest" if keep_nearest else "adaround",
-                         cfg.num_steps, time.perf_counter() - start)
-    logger.info("%s: output MSE nearest %.4g, adaround %.4g -> %s (%.2fs)", name, nearest_err,
-                adaround_err, report.decision, report.seconds)
+                         cfg.num_steps, time.perf_counter() - start, threads, flops)
+    logger.info("%s: output MSE nearest %.4g, adaround %.4g -> %s (%.2fs, %d thread(s), "
+                "%.3g FLOP/step)", name, nearest_err, adaround_err, report.decision,
+                report.seconds, threads, flops)
     return report

@@ -13,7 +13,7 @@ class ReconstructionReport:
     """Per-layer outcomes, in the order the layers were rounded."""
 
     layers: list[LayerReport] = field(default_factory=list)
-    num_threads: int = 1
+    num_threads: int = 1  # threads of capture and setup; each layer's own: LayerReport.threads
     capture_method: str = "one_pass"  # or "per_layer": how layer inputs were captured
     capture_note: str = ""  # why capture fell back to "per_layer" (empty otherwise)
 
@@ -37,8 +37,10 @@ class ReconstructionReport:
     def format_table(self) -> str:
         """A fixed-width text table of the per-layer outcomes."""
         width = max([len("layer"), *(len(r.name) for r in self.layers)])
-        rows = [f"{'layer':<{width}} {'nearest MSE':>12} {'AdaRound MSE':>12} {'kept':>9} {'s':>7}"]
+        rows = [f"{'layer':<{width}} {'nearest MSE':>12} {'AdaRound MSE':>12} {'kept':>9} "
+                f"{'s':>7} {'thr':>3} {'GFLOP/step':>10}"]
         for r in self.layers:
             rows.append(f"{r.name:<{width}} {r.nearest_mse:>12.4g} {r.adaround_mse:>12.4g} "
-                        f"{r.decision:>9} {r.seconds:>7.2f}")
+                        f"{r.decision:>9} {r.seconds:>7.2f} {r.threads:>3} "
+                        f"{r.step_flops / 1e9:>10.4g}")
         return "\n".join(rows)

@@ -164,3 +164,25 @@ def test_an_operation_onnx_cannot_express_names_its_module(h, inside, named):
     model = _rounded(h, _SpectralNet(inside), h.make_batches(2, (8, 6)), QConfig())
     with pytest.raises(UnsupportedExportError, match=named + r".*aten::fft_rfft.*opset 17"):
         export_quantized(model, torch.randn(2, 6))
+
+
+class _TokenModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1).float()
+        return self.fc((self.embed(input_ids) * mask).sum(1))
+
+
+def test_a_dict_input_becomes_graph_inputs_named_by_key(h):
+    """Keys in another order than ``forward``'s parameters still reach the right input."""
+    torch.manual_seed(0)
+    batch = {"attention_mask": torch.randint(0, 2, (4, 6)), "input_ids": torch.randint(0, 20, (4, 6))}
+    model = _rounded(h, _TokenModel(), [batch, batch], QConfig(weight_bits=4))
+    exported = export_quantized(model, batch)
+    assert [i.name for i in exported.onnx_model.graph.input] == ["input_ids", "attention_mask"]
+    with torch.no_grad():
+        expected = model(**batch).numpy()
+    assert np.abs(_ort(exported, batch, optimized=False) - expected).max() <= 1e-5

@@ -10,7 +10,7 @@ from adaround_core.reconstruction.report import ReconstructionReport
 
 def _report() -> ReconstructionReport:
     return ReconstructionReport([
-        LayerReport("conv1", 0.5, 0.25, "adaround", 100, 1.5),
+        LayerReport("conv1", 0.5, 0.25, "adaround", 100, 1.5, 2, 3_000_000_000),
         LayerReport("head", 0.1, 0.2, "nearest", 100, 0.25),
     ], num_threads=1)
 
@@ -27,8 +27,11 @@ def test_records_and_table():
     r = _report()
     records = r.to_records()
     assert records[0] == {"name": "conv1", "nearest_mse": 0.5, "adaround_mse": 0.25,
-                          "decision": "adaround", "num_steps": 100, "seconds": 1.5}
+                          "decision": "adaround", "num_steps": 100, "seconds": 1.5,
+                          "threads": 2, "step_flops": 3_000_000_000}
     table = r.format_table().splitlines()
     assert len(table) == 3
     assert table[1].split()[:4] == ["conv1", "0.5", "0.25", "adaround"]
     assert "nearest" in table[2]
+    assert table[1].split()[-2:] == ["2", "3"]  # threads, GFLOP per step
+    assert table[2].split()[-2:] == ["1", "0"]  # the defaults

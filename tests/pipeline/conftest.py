@@ -287,8 +287,9 @@ def fake_results():
         write_json(layout.layer_report, [
             {"index": i, "layer": name, "nearest_mse": 0.5 / (i + 1), "adaround_mse": 0.1 / (i + 1),
              "decision": "adaround", "seconds": 0.1} for i, name in enumerate(["conv1", "fc1", "head"])])
-        metrics = write_metrics(layout, dict(zip(("float", "baseline", "adaround"), top1,
-                                                 strict=True)))
+        metrics = write_metrics(layout, {role: {"top1": value} for role, value in
+                                         zip(("float", "baseline", "adaround"), top1,
+                                             strict=True)})
         return params, layout, metrics
 
     return make

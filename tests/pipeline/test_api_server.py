@@ -88,7 +88,7 @@ def test_two_commands_at_once_on_a_fresh_prefect_home_both_succeed(tmp_path):
                                       stderr=subprocess.STDOUT, text=True))
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [out[-2000:] for out in outputs]
-    assert all((tmp_path / name / "data" / "dataset.safetensors").exists() for name in "ab")
+    assert all((tmp_path / name / "data" / "dataset" / "manifest.json").exists() for name in "ab")
 
 
 def test_the_server_exits_when_its_command_is_killed(prefect_home):

@@ -11,7 +11,7 @@ import pytest
 from prefect.states import Failed
 
 from adaround_core.demo.digits import digits_dataset
-from tasks.data import DataSourceError, prepare_data
+from tasks.data import TENSORS_FILE, DataSourceError, prepare_data
 from tasks.io import load_tensors
 
 
@@ -71,8 +71,9 @@ def params(tmp_path_factory, pipe):
 
 @pytest.fixture(scope="module")
 def good_file(params, tmp_path_factory) -> Path:
-    """A dataset file written by the good demo source."""
-    return Path(prepare_data.fn(params, str(tmp_path_factory.mktemp("good") / "d.st")).path)
+    """The dataset (manifest and tensors) written by the good demo source."""
+    manifest = tmp_path_factory.mktemp("good") / "dataset" / "manifest.json"
+    return Path(prepare_data.fn(params, str(manifest)).path).parent / TENSORS_FILE
 
 
 def _with_source(params, name: str):
@@ -101,18 +102,17 @@ def test_the_demo_source_passes_and_is_written(good_file):
 ])
 def test_bad_data_fails_clearly_and_keeps_the_previous_file(
         params, good_file, tmp_path, source, tensor, detail):
-    out = tmp_path / "dataset.safetensors"
-    shutil.copy(good_file, out)
-    before = out.read_bytes()
+    out = tmp_path / "dataset"
+    shutil.copytree(good_file.parent, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(ValueError) as caught:
-        prepare_data.fn(_with_source(params, source), str(out))
+        prepare_data.fn(_with_source(params, source), str(out / "manifest.json"))
     message = str(caught.value)
     assert message.startswith(f"data.source 'test_data_validation:{source}': ")
     assert re.search(rf"\b{tensor}\b", message), message
     assert re.search(detail, message), message
     assert "\n" not in message and caught.value.__cause__ is None
-    assert out.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file either
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file either
 
 
 def test_a_broken_data_contract_is_not_retried():

@@ -11,7 +11,7 @@ from flows.stages import adaround_flow
 from tasks.garbage import Garbage, collect_garbage, format_garbage, human_size
 
 STEPS_A, STEPS_B = 20, 5  # the tiny params' num_steps, and another setting
-FOLDERS = (Path("results") / "layers", Path("cache") / "activations")
+FOLDERS = (Path("results") / "layers", Path("cache") / "activations", Path("cache") / "frontiers")
 CHECKPOINT = Path("checkpoints") / "adaround.safetensors"
 
 
@@ -44,10 +44,11 @@ def _round(params, pipe, caplog) -> tuple[int, int]:
 
 
 def _owned_by_b(a: set[Path], after_b: set[Path]) -> set[Path]:
-    """B's entries: its new result files, and per layer its new cache or else A's (reused)."""
+    """B's entries: its new result files, and per layer its new cache (and frontiers) or
+    else A's (reused: the same key)."""
     new = after_b - a
     new_cache_layers = {_layer(p) for p in new if p.parent == FOLDERS[1]}
-    reused = {p for p in a if p.parent == FOLDERS[1] and _layer(p) not in new_cache_layers}
+    reused = {p for p in a if p.parent in FOLDERS[1:] and _layer(p) not in new_cache_layers}
     return new | reused
 
 
@@ -63,6 +64,7 @@ def test_gc_removes_exactly_what_only_other_settings_use(prefect_harness, projec
     owned_b = _owned_by_b(entries_a, set(_entries(project)))
     assert sum(p.parent == FOLDERS[0] for p in owned_b) == len(pipe.layers)
     assert sum(p.parent == FOLDERS[1] for p in owned_b) == len(pipe.layers)
+    assert sum(p.parent == FOLDERS[2] for p in owned_b) == len(pipe.layers) - 1  # none after the last
     tmp_file = FOLDERS[0] / ".conv1--0123.safetensors.x1y2.tmp"  # what killed runs leave
     tmp_dir = FOLDERS[1] / ".conv2--4567.tmp-999999"
     (project / tmp_file).write_bytes(b"half")

@@ -76,13 +76,19 @@ def test_flows_check_the_callables_before_any_work(tmp_path, monkeypatch):
 
 def test_a_stage_checks_only_the_callables_it_or_a_later_stage_calls(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_params(tmp_path, {"data": {"source": "no_such_module:digits"}})
+    write_params(tmp_path, {"train": {"trainer": "no_such_module:train"}})
     params = load_params(tmp_path / "params.yaml")
-    with pytest.raises(PreflightError, match="data.source"):
+    with pytest.raises(PreflightError, match="train.trainer"):
         preflight(params, "data")
-    preflight(params, "adaround")  # the data source is not called again: not imported
-    assert callables_needed_from("adaround") == ["model.factory", "eval.metric"]
-    assert callables_needed_from("train") == ["train.trainer", "model.factory", "eval.metric"]
+    preflight(params, "calibrate")  # the trainer is not called again: not imported
+    data, model = ["data.source", "data.batch_process"], ["model.factory", "eval.metric"]
+    assert callables_needed_from("adaround") == data + model  # a Dataset source is streamed
+    assert callables_needed_from("train") == [*data, "train.trainer", *model]
+
+
+def test_optional_callables_set_to_null_are_not_checked(tmp_path):
+    write_params(tmp_path, {"train": {"trainer": None}, "data": {"batch_process": None}})
+    check_callables(load_params(tmp_path / "params.yaml"))
 
 
 @pytest.mark.parametrize(("args", "overrides", "message"), [

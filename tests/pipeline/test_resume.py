@@ -54,12 +54,29 @@ def _run_and_kill(project: Path, api_url: str, trigger: str, count: int) -> str:
     return log.read_text()
 
 
-@pytest.mark.parametrize(("trigger", "count"), [("results", 2), ("cache", 4)])
+def _corrupt_frontiers(project: Path) -> int:
+    """Flip a byte in every saved frontier file (the passes one layer's capture leaves for
+    the next); returns how many directories were hit."""
+    hit = 0
+    for directory in (project / "cache" / "frontiers").glob("[!.]*"):
+        for file in directory.rglob("frontier_*.pt"):
+            data = bytearray(file.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            file.write_bytes(bytes(data))
+        hit += 1
+    return hit
+
+
+@pytest.mark.parametrize(("trigger", "count", "damage"),
+                         [("results", 2, False), ("cache", 4, False), ("results", 2, True)],
+                         ids=["results", "cache", "corrupt-frontiers"])
 def test_killed_run_resumes_redoing_at_most_the_layer_in_flight(
-        tmp_path, tiny_checkpoints, prefect_server, pipe, reference, trigger, count):
+        tmp_path, tiny_checkpoints, prefect_server, pipe, reference, trigger, count, damage):
     ref_checkpoint, ref_results = reference
     project = pipe.project(tmp_path / "p", tiny_checkpoints)
     _run_and_kill(project, prefect_server, trigger, count)
+    if damage:  # the next layer's capture cannot continue: it starts from the input
+        assert _corrupt_frontiers(project) > 0
 
     done = pipe.result_files(project)
     cached = {p.name.split("--")[0] for p in (project / "cache" / "activations").iterdir()
@@ -75,6 +92,8 @@ def test_killed_run_resumes_redoing_at_most_the_layer_in_flight(
     in_flight = {n for n in cached if not any(f.startswith(f"{n}--") for f in done)}
     for name in in_flight:  # its complete activation cache survived the kill: reused
         assert f"{name}: activation cache reused" in out
+    if damage:
+        assert "are unusable (CorruptCacheError" in out
     assert (project / "checkpoints" / "adaround.safetensors").read_bytes() == ref_checkpoint
     assert pipe.result_files(project) == ref_results
     assert not [p for p in (project / "results" / "layers").iterdir()

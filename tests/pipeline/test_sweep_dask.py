@@ -54,7 +54,7 @@ def test_two_variants_run_on_a_dask_cluster(
     assert all(row["status"] == "completed" for row in summary["variants"])
     assert summary["errors"] == {}
     for name in names:  # every variant has its own data, checkpoints, results and cache
-        for sub in ("data/dataset.safetensors", "checkpoints/adaround.safetensors",
+        for sub in ("data/dataset/manifest.json", "checkpoints/adaround.safetensors",
                     "results/metrics.json", "cache/activations"):
             assert (sweep / name / sub).exists(), f"{name}: no {sub}"
         assert name in out  # the CLI's table

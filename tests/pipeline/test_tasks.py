@@ -59,8 +59,9 @@ def _job(params, inputs, name: str, previous=(), calls: int = 1) -> LayerJob:
 
 
 def test_prepare_data_writes_the_data_contract(tmp_path, params):
-    artifact = prepare_data.fn(params, str(tmp_path / "d.safetensors"))
-    data = load_tensors(artifact.file)
+    artifact = prepare_data.fn(params, str(tmp_path / "dataset" / "manifest.json"))
+    data = load_tensors(tmp_path / "dataset" / "tensors.safetensors")
+    assert json.loads(artifact.file.read_text())["kind"] == "tensors"
     assert set(data) >= {"train_x", "train_y", "calib_x", "test_x", "test_y"}
     assert data["calib_x"].shape == (64, 1, 8, 8)
     assert artifact.digest == file_digest(artifact.file)
@@ -68,6 +69,19 @@ def test_prepare_data_writes_the_data_contract(tmp_path, params):
         validate_dataset({"train_x": torch.zeros(1)}, "pkg:fn")
     with pytest.raises(ValueError, match="not a dict"):
         validate_dataset([1, 2], "pkg:fn")
+
+
+def test_the_digits_metric_is_top1_over_the_evaluation_batches(params, inputs):
+    from adaround_core.demo.training import top1, top1_metric
+    from tasks.model_state import load_float_model
+    from tasks.stage_data import open_data
+
+    dataset, float_model, _ = inputs
+    model = load_float_model(params, float_model.file)
+    data = open_data(params, dataset)
+    x, y = data.training()["test_x"], data.training()["test_y"]
+    named = top1_metric(model, data.evaluation(), float_model=model)
+    assert named == {"top1": top1(model, x, y, batch_size=params.eval.batch_size)}
 
 
 def test_plan_layers_first_call_order_and_exclude_prefix(params, inputs, pipe):
@@ -172,8 +186,8 @@ def test_assemble_and_evaluate(tmp_path, params, inputs, pipe):
         assert torch.equal(state[f"{r.name}.weight"], load_tensors(Path(r.path))["weight"])
     scores = evaluate_models.fn(params, *inputs, out)
     assert set(scores) == {"float", "baseline", "adaround"}
-    assert all(0.0 <= s <= 100.0 for s in scores.values())
-    assert scores["float"] > 50.0  # the tiny model did learn the digits
+    assert all(set(s) == {"top1"} and 0.0 <= s["top1"] <= 100.0 for s in scores.values())
+    assert scores["float"]["top1"] > 50.0  # the tiny model did learn the digits
 
 
 def test_tensor_digest_is_of_content():
@@ -254,14 +268,42 @@ def test_export_and_onnx_runtime_evaluation(tmp_path, params, inputs, pipe):
     scores = evaluate_onnx.fn(local, dataset, float_model, rounded, onnx_file)
     torch_scores = evaluate_models.fn(local, dataset, float_model, calibrated, rounded)
     assert scores["reference_agreement"] == 1.0 and scores["reference_max_abs_diff"] < 1e-4
-    assert abs(scores["top1"] - torch_scores["adaround"]) <= 100 * (1 - scores["agreement"])
+    assert abs(scores["top1"] - torch_scores["adaround"]["top1"]) <= \
+        100 * (1 - scores["agreement"])
 
 
 def test_parity_names_the_first_disagreeing_sample():
     expected = np.array([[1.0, 0.0]] * 999 + [[0.0, 1.0]])
-    assert parity(expected, expected.copy()) == {"agreement": 1.0, "max_abs_diff": 0.0}
+    assert parity([expected], [expected.copy()], "argmax") == {"agreement": 1.0,
+                                                              "max_abs_diff": 0.0}
     flipped = expected.copy()
     flipped[[3, 7]] = [[0.0, 1.0]]
     with pytest.raises(ParityError, match=r"class 1 for evaluation sample 3 where PyTorch "
                                           r"predicts 0; only 99.80% .*nothing was recorded"):
-        parity(expected, flipped)
+        parity([expected], [flipped], "argmax")
+
+
+def test_cosine_parity_judges_outputs_that_are_not_logits():
+    rng = np.random.default_rng(0)
+    expected = [rng.normal(size=(1000, 4, 8)).astype(np.float32)]
+    close = [expected[0] + 1e-4]
+    scores = parity(expected, close, "cosine")
+    assert scores["agreement"] == 1.0 and scores["min_cosine"] > 0.999
+    far = [expected[0].copy()]
+    far[0][[5, 9]] = -far[0][[5, 9]]
+    with pytest.raises(ParityError, match=r"evaluation sample 5 outputs at cosine -1.000000"):
+        parity(expected, far, "cosine")
+
+
+def test_layer_keys_carry_the_automatic_thread_choice(params, inputs, monkeypatch):
+    from tasks import layer_jobs
+
+    base = _job(params, inputs, "conv2")
+    keys = base.result_key, base.cache_key
+    monkeypatch.setattr(layer_jobs, "AVAILABLE_CPU_THREADS", layer_jobs.AVAILABLE_CPU_THREADS + 1)
+    assert base.result_key != keys[0] and base.cache_key != keys[1]  # other cores, other sums
+    explicit = params.adaround.model_copy(update={"num_threads": 1})
+    pinned = dataclasses.replace(base, params=params.model_copy(update={"adaround": explicit}))
+    pinned_keys = pinned.result_key, pinned.cache_key
+    monkeypatch.setattr(layer_jobs, "AVAILABLE_CPU_THREADS", 64)
+    assert (pinned.result_key, pinned.cache_key) == pinned_keys  # num_threads set: cores irrelevant

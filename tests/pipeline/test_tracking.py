@@ -204,7 +204,7 @@ def test_cli_with_an_unreachable_store_fails_before_the_expensive_work(tmp_path,
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("error: MLflow tracking store") and url in last
     assert "tracking.enabled: false" in last
-    assert not (tmp_path / "data" / "dataset.safetensors").exists()  # nothing was computed
+    assert not (tmp_path / "data" / "dataset" / "manifest.json").exists()  # nothing was computed
 
 
 def test_threads_of_one_process_share_a_fresh_sqlite_store(tmp_path, monkeypatch,

@@ -1,0 +1,43 @@
+"""Command-line options shared by the examples' ``__main__`` modules."""
+
+from __future__ import annotations
+
+import argparse
+
+from adaround_core import quantization as q
+from examples.chain import ChainResult
+
+
+def add_quantization_options(parser: argparse.ArgumentParser, steps: int) -> None:
+    """``--weight-bits --activation-bits (0 = float activations) --weight-observer --steps
+    --batch-size --adaround-batch-size --seed``."""
+    parser.add_argument("--weight-bits", type=int, default=4)
+    parser.add_argument("--activation-bits", type=int, default=8,
+                        help="0: activations stay float (weight-only quantization)")
+    # minmax: on all-MiniLM-L6-v2, AdaRound beats nearest rounding with min-max weight scales
+    # and not with MSE-searched ones after 200 steps (examples/README.md, "Measured")
+    parser.add_argument("--weight-observer", default="minmax", choices=["minmax", "mse"])
+    parser.add_argument("--steps", type=int, default=steps, help="AdaRound steps per layer")
+    parser.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    parser.add_argument("--adaround-batch-size", type=int, default=8,
+                        help="samples per AdaRound step")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def qconfig_from(args: argparse.Namespace) -> q.QConfig:
+    """The ``QConfig`` the options name."""
+    return q.QConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits or None,
+                     weight_observer=args.weight_observer)
+
+
+def adaround_config_from(args: argparse.Namespace) -> dict:
+    """``weight_reconstruction``'s ``custom_config_dict`` from the options."""
+    return {"num_steps": args.steps, "batch_size": args.adaround_batch_size, "seed": args.seed}
+
+
+def print_result(title: str, result: ChainResult) -> None:
+    """The per-layer report, then float / nearest / AdaRound metrics and timings."""
+    print(result.report.format_table())
+    print(f"\n{title}")
+    print(result.format())
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))

@@ -1,0 +1,144 @@
+"""How a layer's task captures its inputs: by continuing the previous layer's forward pass.
+
+The plan decides once per stage (:func:`capture_verdict`, the engine's
+:func:`~adaround_core.calibration.capture_method.layer_capturer`): where the model's
+graph can be cut before each layer and reproduces the eager pass bit for bit, the
+layers' tasks share one forward pass of each model over the calibration set. Layer
+``k``'s task continues the passes its predecessor saved at layer ``k-1``'s boundary
+(:meth:`LayerJob.upstream_frontier_dir`), captures layer ``k``, and leaves the passes
+paused at its own boundary for layer ``k+1`` (:meth:`LayerCapture.save`). Without a
+usable saved boundary (the first layer, a deleted or corrupt one) the pass starts at
+the model's input: one partial pass, the same tensors. Where the graph cannot be cut,
+every task captures its layer with a partial pass per batch (the per-layer method), as
+``weight_reconstruction`` does. Both give bit-identical inputs and targets.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adaround_core.calibration.capture_method import ONE_PASS, PER_LAYER, layer_capturer
+from adaround_core.calibration.graph_trace import LayerGraph, NotSegmentable, trace_layer_graph
+from adaround_core.calibration.layer_capture import iter_layer_io
+from adaround_core.calibration.one_pass_capture import OnePassCapture
+from adaround_core.calibration.sample_store import CorruptCacheError
+from adaround_core.quant.fake_quantize import FakeQuantize
+from adaround_core.quant.quant_layers import QuantLayerMixin
+from adaround_core.reconstruction.rounding_mode import rounding_mode
+from tasks.layer_jobs import LayerJob
+from tasks.run_logging import run_logger
+
+LEAF_TYPES = (QuantLayerMixin, FakeQuantize)  # the graph's opaque calls, as the library's
+# Capture by continuing one pass where the model allows it (True), or always with a
+# partial pass per layer (False: the method before one-pass capture, for equality tests
+# and benchmarks; the library's switch is weight_reconstruction.ONE_PASS_CAPTURE).
+ONE_PASS_CAPTURE = True
+KEY_FILE = "key"  # in a frontier directory: the full cache key of the layer that saved it
+
+
+def capture_verdict(model: nn.Module, names: list[str], batch: torch.Tensor,
+                    num_threads: int | None) -> tuple[str, str]:
+    """``(method, note)`` for rounding ``names`` of the calibrated ``model``: the engine's
+    choice (which logs a warning when one-pass capture does not apply), made once per run."""
+    with rounding_mode(model, num_threads):
+        # the float model is only stored by the capturer until a layer is captured
+        capturer = layer_capturer(model, model, names, (), batch, LEAF_TYPES, ONE_PASS_CAPTURE)
+        capturer.close()
+    return capturer.method, capturer.note
+
+
+@dataclass
+class LayerCapture:
+    """One task's capture of its layer: :meth:`pairs` (per batch, the quantized input and
+    the float target), then :meth:`save` of the paused passes for the next layer.
+    ``source`` says where the capture started, for the log."""
+
+    job: LayerJob
+    model: nn.Module
+    reference: nn.Module
+    batches: Sequence[torch.Tensor]
+    one_pass: OnePassCapture | None
+    source: str
+
+    @property
+    def method(self) -> str:
+        return PER_LAYER if self.one_pass is None else ONE_PASS
+
+    def pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.one_pass is not None:
+            return self.one_pass.iter_layer_io(self.job.name)
+        return iter_layer_io(self.model, self.reference, self.job.name, self.job.calls,
+                             self.batches)
+
+    @property
+    def saves_frontiers(self) -> bool:
+        """Whether a later layer can continue this capture (read :meth:`pairs` first)."""
+        return self.one_pass is not None and bool(self.one_pass.pending)
+
+    def save(self, directory: Path) -> None:
+        """Write the passes, paused at this layer's boundary, into ``directory`` (existing,
+        empty), with this layer's cache key."""
+        assert self.one_pass is not None
+        (directory / KEY_FILE).write_text(self.job.cache_key)
+        self.one_pass.save(directory)
+
+    def close(self) -> None:
+        if self.one_pass is not None:
+            self.one_pass.close()
+
+
+def open_capture(job: LayerJob, model: nn.Module, reference: nn.Module,
+                 batches: Sequence[torch.Tensor]) -> LayerCapture:
+    """The capture of ``job``'s layer; ``model`` (earlier layers rounded) and ``reference``
+    in the state capture runs in (:func:`rounding_mode`)."""
+    if job.chain is None:
+        return LayerCapture(job, model, reference, batches, None, "per-layer passes")
+    order = list(job.chain.order)
+    try:
+        graph = trace_layer_graph(model, order, LEAF_TYPES, batches[0])
+    except NotSegmentable as reason:  # the plan traced the same model: not expected
+        run_logger(__name__).warning("%s: one-pass capture does not apply (%s); capturing "
+                                     "with per-layer passes", job.name, reason)
+        return LayerCapture(job, model, reference, batches, None, "per-layer passes")
+    resumed = _resume(job, model, reference, graph)
+    if resumed is not None:
+        return LayerCapture(job, model, reference, batches, resumed,
+                            f"continued from {job.upstream_frontier_dir()}")
+    capture = OnePassCapture(model, reference, graph, order[order.index(job.name):], batches)
+    return LayerCapture(job, model, reference, batches, capture, "from the model input")
+
+
+def _resume(job: LayerJob, model: nn.Module, reference: nn.Module,
+            graph: LayerGraph) -> OnePassCapture | None:
+    """The passes the previous layer's task saved, continued; None when there are none or
+    they cannot be used (a corrupt directory is deleted, with a warning)."""
+    directory = job.upstream_frontier_dir()
+    if directory is None:
+        return None
+    log = run_logger(__name__)
+    if not directory.is_dir():
+        log.info("%s: no saved frontiers of %s; the pass starts from the model input",
+                 job.name, job.previous[-1].name)
+        return None
+    try:
+        key = (directory / KEY_FILE).read_text() if (directory / KEY_FILE).exists() else ""
+        if key != job.chain.upstream:
+            raise CorruptCacheError("its key file does not hold the previous layer's key")
+        capture = OnePassCapture.resume(model, reference, graph, directory)
+    except Exception as err:  # noqa: BLE001 - frontiers are a shortcut: any fault means start over
+        log.warning("%s: frontiers %s are unusable (%s: %s); deleted, the pass starts from "
+                    "the model input", job.name, directory, type(err).__name__, err)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    if capture.pending[:1] != [job.name]:  # saved by a plan with other layers in between
+        log.info("%s: frontiers %s were saved for layer %s; the pass starts from the model "
+                 "input", job.name, directory, capture.pending[:1])
+        capture.close()
+        return None
+    return capture
