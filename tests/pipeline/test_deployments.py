@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN, run_cmd, subprocess_env, write_params
+from conftest import REPO, VENV_BIN, run_cmd, stop_process, subprocess_env, write_params
 
 POOL = "adaround"
 NIGHTLY = "adaround-nightly/nightly"
@@ -40,7 +39,7 @@ def deployed(tmp_path_factory, api):
         shutil.copytree(REPO / name, project / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
-    write_params(project)
+    write_params(project, {"adaround": {"num_steps": 2}, "train": {"kwargs": {"epochs": 1}}})
     # no PYTHONPATH: the worker must run the flows from the project directory itself
     env = subprocess_env(api, PREFECT_WORKER_QUERY_SECONDS="1",
                          PREFECT_RUNNER_POLL_FREQUENCY="1")
@@ -59,12 +58,7 @@ def deployed(tmp_path_factory, api):
     try:
         yield project, env, log, missing
     finally:
-        worker.send_signal(signal.SIGINT)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker)
 
 
 def _run(deployment: str, log, **parameters):

@@ -1,11 +1,12 @@
 """A DVC remote over SSH (dvc-ssh) on an sshd of its own (scripts/sshd_remote.sh): push from
-one clone, pull into a fresh one and ``dvc repro`` runs nothing; a checkpoint changed on
-the remote is refused by its hash; a refused key is named."""
+one clone, pull into a fresh one (after a refused key, which is named) and ``dvc repro``
+runs nothing; a checkpoint changed on the remote is refused by its hash."""
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,8 +18,9 @@ from conftest import REPO, VENV_BIN, copy_project, project_env, run_cmd
 from flows.api_server import free_port
 
 SCRIPT = REPO / "scripts" / "sshd_remote.sh"
-CACHED = ["data/dataset.safetensors", "checkpoints/float.safetensors",
-          "checkpoints/calibrated.safetensors", "checkpoints/adaround.safetensors"]
+CACHED = ["data/dataset", "checkpoints/float.safetensors",  # data/dataset: a directory
+          "checkpoints/calibrated.safetensors", "checkpoints/adaround.safetensors",
+          "results/layers"]
 DVC = f"{VENV_BIN}/dvc"
 
 
@@ -47,6 +49,19 @@ def _md5s(project: Path) -> dict[str, str]:
             for out in stage.get("outs", [])}
 
 
+def _stored(remote: Path, md5: str) -> Path:
+    return remote / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def _files(remote: Path, path: str, md5: str) -> dict[str, str]:
+    """``{file: md5}`` of an output as the remote holds it (a directory: every file of its
+    ``.dir`` listing)."""
+    if not md5.endswith(".dir"):
+        return {path: md5}
+    listing = json.loads(_stored(remote, md5).read_text())
+    return {f"{path}/{entry['relpath']}": entry["md5"] for entry in listing}
+
+
 def _clone(source: Path, target: Path, key: Path, env) -> Path:
     run_cmd(["git", "clone", "-q", str(source), str(target)], target.parent, env)
     run_cmd([DVC, "remote", "modify", "--local", "ssh", "keyfile", str(key)], target, env)
@@ -73,15 +88,29 @@ def pushed(dvc_project, sshd, tmp_path_factory):
 @pytest.mark.timeout(1500)  # may build the session's dvc_project first (a whole dvc repro)
 def test_a_fresh_clone_pulls_over_ssh_and_repro_runs_nothing(pushed, tmp_path,
                                                              prefect_server):
+    """First with a key the server refuses (DVC names user and host, nothing arrives),
+    then with the right one."""
     project, remote, keys, env = pushed
     md5s = _md5s(project)
-    for path in CACHED:
-        assert (remote / "files" / "md5" / md5s[path][:2] / md5s[path][2:]).is_file(), path
-    clone = _clone(project, tmp_path / "clone", keys / "client_ed25519", env)
+    files = {f: md5 for path in CACHED for f, md5 in _files(remote, path, md5s[path]).items()}
+    assert len(files) > len(CACHED)  # the directories are not empty
+    for file, md5 in files.items():
+        assert _stored(remote, md5).is_file(), file
+    wrong = tmp_path / "wrong_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)],
+                   check=True)
+    clone = _clone(project, tmp_path / "clone", wrong, env)
+    refused = run_cmd([DVC, "pull"], clone, env, check=False, timeout=120)
+    assert refused.returncode != 0
+    said = " ".join(refused.stdout.split())
+    assert f"Permission denied for user {getpass.getuser()} on host 127.0.0.1" in said
     assert not (clone / "checkpoints").exists()
+
+    run_cmd([DVC, "remote", "modify", "--local", "ssh", "keyfile",
+             str(keys / "client_ed25519")], clone, env)
     run_cmd([DVC, "pull"], clone, env)
-    for path in CACHED:
-        assert hashlib.md5((clone / path).read_bytes()).hexdigest() == md5s[path], path
+    for file, md5 in files.items():
+        assert hashlib.md5((clone / file).read_bytes()).hexdigest() == md5, file
     repro = run_cmd([DVC, "repro"], clone, project_env(prefect_server)).stdout
     assert "Running stage" not in repro, repro
     assert "Data and pipelines are up to date." in repro
@@ -90,7 +119,7 @@ def test_a_fresh_clone_pulls_over_ssh_and_repro_runs_nothing(pushed, tmp_path,
 def test_a_checkpoint_changed_on_the_remote_is_refused_by_its_hash(pushed, tmp_path):
     project, remote, keys, env = pushed
     md5 = _md5s(project)["checkpoints/adaround.safetensors"]
-    stored = remote / "files" / "md5" / md5[:2] / md5[2:]
+    stored = _stored(remote, md5)
     saved = tmp_path / "saved"
     shutil.copy2(stored, saved)
     try:
@@ -108,16 +137,3 @@ def test_a_checkpoint_changed_on_the_remote_is_refused_by_its_hash(pushed, tmp_p
         assert (clone / "checkpoints" / "float.safetensors").is_file()  # the others arrived
     finally:
         shutil.copy2(saved, stored)
-
-
-def test_a_refused_key_is_named_by_dvc(pushed, tmp_path):
-    project, _, _, env = pushed
-    wrong = tmp_path / "wrong_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)],
-                   check=True)
-    clone = _clone(project, tmp_path / "clone", wrong, env)
-    pull = run_cmd([DVC, "pull"], clone, env, check=False, timeout=120)
-    assert pull.returncode != 0
-    said = " ".join(pull.stdout.split())
-    assert f"Permission denied for user {getpass.getuser()} on host 127.0.0.1" in said
-    assert not (clone / "checkpoints").exists()

@@ -32,7 +32,7 @@ class PgServer:
 
     def script(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
         env = {**subprocess_env(), "MLFLOW_PORT": str(self.mlflow_port),
-               "PG_PORT": str(self.pg_port)}
+               "PG_PORT": str(self.pg_port), "MLFLOW_WORKERS": "1"}  # one process to start
         proc = subprocess.run(["bash", str(SCRIPT), command, str(self.dir)], env=env,
                               capture_output=True, text=True, timeout=600)
         if check and proc.returncode:
@@ -80,8 +80,7 @@ def pg_mlflow(tmp_path_factory):
             shutil.rmtree(pgroot.read_text().strip(), ignore_errors=True)
 
 
-@pytest.fixture
-def dask_cluster_4(prefect_server):
+def _four_slot_dask_cluster(prefect_server: str):
     from distributed import LocalCluster
 
     # four flows at once against the session's SQLite-backed Prefect server on 2 busy cores:
@@ -89,28 +88,37 @@ def dask_cluster_4(prefect_server):
     env = {"PREFECT_API_URL": prefect_server, "PYTHONPATH": str(REPO),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PREFECT_CLIENT_MAX_RETRIES": "12"}
-    cluster = LocalCluster(processes=True, protocol="tcp", host="127.0.0.1", n_workers=4,
-                           threads_per_worker=1, dashboard_address=None, env=env)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+    # two worker processes of two threads: four runs at once, half the processes to start
+    return LocalCluster(processes=True, protocol="tcp", host="127.0.0.1", n_workers=2,
+                        threads_per_worker=2, dashboard_address=None, env=env)
 
 
-def test_four_runs_at_once_record_everything_into_postgresql(
-        tmp_path, pg_mlflow, dask_cluster_4, prefect_server, pipe):
-    from mlflow import MlflowClient
-
+@pytest.fixture(scope="module")
+def pg_sweep(tmp_path_factory, pg_mlflow, prefect_server, pipe):
+    """The four-variant sweep (tiny, 2 steps a layer) recorded into the server:
+    ``(project, output)``."""
     tracking = {"enabled": True, "experiment": "pg-sweep", "tracking_uri": pg_mlflow.uri,
                 "registered_model": MODEL}
-    project = pipe.project(tmp_path / "p", overrides={"tracking": tracking})
-    args = ["sweep", "-S", "runtime.task_runner=dask",
-            "-S", f"runtime.dask_address={dask_cluster_4.scheduler_address}"]
+    project = pipe.project(tmp_path_factory.mktemp("pg-sweep") / "p", overrides={
+        "tracking": tracking, "adaround": {"num_steps": 2, "progress": False},
+        "train": {"kwargs": {"epochs": 1}}})
+    args = ["sweep", "-S", "runtime.task_runner=dask"]
     for bits in VARIANTS.values():
         args += ["-V", f"quant.weight_bits={bits}"]
     started = time.monotonic()
-    out = pipe.run_flows(project, *args, api_url=prefect_server, timeout=1500).stdout
+    with _four_slot_dask_cluster(prefect_server) as cluster:
+        out = pipe.run_flows(project, *args, "-S",
+                             f"runtime.dask_address={cluster.scheduler_address}",
+                             api_url=prefect_server, timeout=1500).stdout
     print(f"four-variant Dask sweep into MLflow on PostgreSQL: {time.monotonic() - started:.1f} s")
+    return project, out
+
+
+@pytest.mark.timeout(1500)  # starts the server and runs the sweep (pg_sweep)
+def test_four_runs_at_once_record_everything_into_postgresql(tmp_path, pg_mlflow, pg_sweep):
+    from mlflow import MlflowClient
+
+    project, out = pg_sweep
     assert "recorded in the LOCAL store" not in out
     assert not list(project.rglob("mlflow.db")), "a run fell back to a local store"
 
@@ -175,65 +183,77 @@ def test_script_without_postgresql_is_one_line(tmp_path):
         f"apt-get install postgresql"]
 
 
-def test_a_server_that_goes_away_mid_run(tmp_path, monkeypatch, pg_mlflow, fake_results):
-    """Run A is recorded whole on the server; the server dies while run B is recorded:
-    B is recorded whole in the local store, and the warning names the server's incomplete
-    runs. (Last in this module: the server stays down.)"""
+def _variant_run(project: Path, pipe, spec: str, experiment: str):
+    """``(params, layout, metrics)`` of one finished variant of the sweep in ``project``,
+    recording into ``experiment``."""
+    from flows.sweep import make_variants
+    from tasks.layout import Layout
+
+    base = pipe.params(project)
+    [variant] = make_variants(base, [spec], Path(base.runtime.results_dir) / "sweep")
+    params = variant.params.model_copy(update={"tracking": variant.params.tracking.model_copy(
+        update={"experiment": experiment})})
+    layout = Layout(params)
+    return params, layout, json.loads(layout.metrics.read_text())
+
+
+@pytest.mark.timeout(1500)  # alone, it starts the server and runs the sweep
+def test_a_server_that_goes_away_mid_run(tmp_path, monkeypatch, pg_mlflow, pg_sweep, pipe):
+    """The sweep's runs are whole on the server; the server dies while a real run is
+    registering its model: that run is recorded whole, model version included, in the
+    local store, and the warning names the server's incomplete runs. (Last in this module:
+    the server stays down.)"""
     from mlflow import MlflowClient
 
+    import tasks.registry as registry
     import tasks.tracking as tracking
 
     for key, value in tracking._RECORDING_RETRIES.items():  # restored after the test
         monkeypatch.setenv(key, os.environ.get(key, value))
     monkeypatch.chdir(tmp_path)
-    server = {"tracking_uri": pg_mlflow.uri, "experiment": "pg-death",
-              "registered_model": None}
-    a = fake_results(tmp_path / "a", tracking=server)
-    run_a = tracking.log_pipeline_run(*a).run_id
+    real = registry.ensure_registered_model
 
-    real = tracking._log_layers
-
-    def dies_after_the_layers(*args):
-        real(*args)
+    def dies_in_the_registry_step(*args):  # the model's files are uploaded by now
         if not killed:  # once: the local store records through here too
             killed.append(True)
             pg_mlflow.kill_mlflow()
+        return real(*args)
 
     killed: list[bool] = []
-
-    monkeypatch.setattr(tracking, "_log_layers", dies_after_the_layers)
-    b = fake_results(tmp_path / "b", top1=(91.0, 70.0, 88.0), tracking=server)
+    monkeypatch.setattr(registry, "ensure_registered_model", dies_in_the_registry_step)
+    params, layout, metrics = _variant_run(pg_sweep[0], pipe, "quant.weight_bits=4", "pg-death")
     started = time.monotonic()
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
     tracking.logger.addHandler(handler)  # whatever Prefect's logging set-up did to caplog's
     try:
-        run_b = tracking.log_pipeline_run(*b).run_id
+        recorded = tracking.log_pipeline_run(params, layout, metrics)
     finally:
         tracking.logger.removeHandler(handler)
-    assert time.monotonic() - started < 120  # a few quick retries, not MLflow's minutes
+    assert killed and time.monotonic() - started < 120  # quick retries, not MLflow's minutes
     local = tracking.local_tracking_uri()
-    recorded = MlflowClient(local).get_run(run_b)
-    assert recorded.info.status == "FINISHED"
-    assert recorded.data.metrics["delta_top1"] == pytest.approx(18.0)
+    client = MlflowClient(local)
+    run = client.get_run(recorded.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["delta_top1"] == pytest.approx(metrics["delta_top1"])
+    version = client.get_model_version(MODEL, recorded.registered.version)
+    assert client.get_run(version.run_id).data.tags["mlflow.parentRunId"] == recorded.run_id
+    assert version.tags["metric.adaround.top1"] == f"{metrics['adaround']['top1']:.6g}"
     [warning] = warnings
-    assert pg_mlflow.uri in warning and local in warning and run_b in warning
+    assert pg_mlflow.uri in warning and local in warning and recorded.run_id in warning
     partial = warning.split("the partial record left there (parent run ")[1]
-    parent_b = partial.split(",")[0]
-    children_b = partial.split("child runs ")[1].split(")")[0].split(", ")
-    assert len(children_b) == 3  # float, baseline, and adaround (where it died)
+    parent = partial.split(",")[0]
+    children = partial.split("child runs ")[1].split(")")[0].split(", ")
+    assert len(children) == 3  # float, baseline, and adaround (where it died)
 
-    # straight from the database: A whole (parent and three children FINISHED with their
-    # metrics), B's rows never FINISHED
+    # straight from the database: the sweep's runs whole, this run's never FINISHED and
+    # no model version of it
     rows = dict(pg_mlflow.sql("SELECT run_uuid, status FROM runs"))
-    assert rows[run_a] == "FINISHED"
-    children_a = pg_mlflow.sql("SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = "
-                               f"r.run_uuid WHERE t.key = 'mlflow.parentRunId' AND "
-                               f"t.value = '{run_a}'")
-    assert sorted(s for (s,) in children_a) == ["FINISHED"] * 3
-    metric = pg_mlflow.sql(f"SELECT value FROM latest_metrics WHERE run_uuid = '{run_a}' "
-                           f"AND key = 'delta_top1'")
-    assert metric == [(5.0,)]
-    assert rows[parent_b] != "FINISHED" and rows[children_b[-1]] != "FINISHED"
-    assert run_b not in rows
+    statuses = [rows.pop(r) for r in [parent, *children]]  # float, baseline, adaround
+    assert statuses[1:3] == ["FINISHED"] * 2 and "FINISHED" not in statuses[::3]
+    assert sorted(rows.values()) == ["FINISHED"] * 16  # the sweep's 4 x 4
+    assert recorded.run_id not in rows
+    assert pg_mlflow.sql(f"SELECT count(*) FROM model_versions WHERE run_id = "
+                         f"'{children[-1]}'") == [(0,)]
+    assert pg_mlflow.sql("SELECT count(*) FROM model_versions") == [(4,)]
