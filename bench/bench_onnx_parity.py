@@ -7,12 +7,21 @@ calibrate, AdaRound (few steps: parity, not accuracy, is measured), ``export_qua
 run the ONNX model in ONNX Runtime (reference kernels, and the default optimised session) on
 the evaluation samples and compare with the PyTorch fake-quant model: prediction agreement
 (classifiers), cosine (embeddings), and the largest output difference in units of the
-PyTorch output's range.
+PyTorch output's range. Two more rows per model:
+
+* ``torch-float64``: the same PyTorch model computed in float64 against float32: the
+  model's own sensitivity to float32 rounding. Two correct float32 runtimes each differ from
+  the exact result by float32 rounding, so end to end they can differ from each other by
+  about as much as this row shows;
+* ``forced``: teacher-forced parity (``adaround_core.export.forced_parity``): every
+  quantization point fed PyTorch's codes; the largest code difference, the largest share of
+  a point's codes that differ, and the output difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import numpy as np
@@ -21,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from adaround_core import quantization as q
+from adaround_core.export.forced_parity import forced_parity
 from adaround_core.export.onnx_export import export_quantized, run_onnx_inputs
 from examples.chain import calibrate
 from examples.outputs import run_model
@@ -41,7 +51,27 @@ def _compare(model, proto, loader, optimized: bool) -> dict[str, float]:
     for batch in loader:
         torch_out.append(run_model(model, batch).float().numpy())
         onnx_out.append(session.run(None, run_onnx_inputs(batch, proto))[0])
-    a, b = np.concatenate(torch_out), np.concatenate(onnx_out)
+    return _scores(np.concatenate(torch_out), np.concatenate(onnx_out))
+
+
+@torch.no_grad()
+def _torch_float64(model, loader) -> dict[str, float]:
+    """The same fake-quant model in float64: as close to exact as PyTorch gets."""
+    exact = copy.deepcopy(model).double()
+    torch_out, exact_out = [], []
+    for batch in loader:
+        torch_out.append(run_model(model, batch).float().numpy())
+        exact_out.append(run_model(exact, _double(batch)).float().numpy())
+    return _scores(np.concatenate(torch_out), np.concatenate(exact_out))
+
+
+def _double(batch):
+    if isinstance(batch, dict):
+        return {k: _double(v) for k, v in batch.items()}
+    return batch.double() if batch.is_floating_point() else batch
+
+
+def _scores(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return {"agreement": float((a.argmax(1) == b.argmax(1)).mean()),
             "min_cosine": float(cos.min()),
@@ -76,10 +106,17 @@ def run(name: str, args) -> None:
         else batches[0][:2]
     proto = export_quantized(calib, example).onnx_model
     loader = DataLoader(data["evaluation"], batch_size=32)
-    for optimized in (False, True):
-        scores = _compare(calib, proto, loader, optimized)
-        kind = "optimised" if optimized else "reference"
-        print(f"{name:<13} {kind:<10} " + "  ".join(f"{k} {v:.6f}" for k, v in scores.items()),
+    rows = {"reference": _compare(calib, proto, loader, False),
+            "optimised": _compare(calib, proto, loader, True),
+            "torch-float64": _torch_float64(calib, loader)}
+    forced = forced_parity(calib, proto, loader)
+    rows["forced"] = {"max_code_step": max((p.max_step for p in forced.points), default=0),
+                      "max_flip_share": forced.max_flip_share,
+                      "max_diff_of_range": forced.output_diff_of_range,
+                      "violation": forced.violation() or "none"}
+    for kind, scores in rows.items():
+        print(f"{name:<13} {kind:<13} " + "  ".join(
+            f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()),
               flush=True)
     print(f"{name:<13} seconds {time.perf_counter() - start:.0f}", flush=True)
 

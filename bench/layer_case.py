@@ -16,6 +16,7 @@ from torch import nn
 from adaround_core import quantization as q
 from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
+from adaround_core.reconstruction.distributed import RankGroup
 from adaround_core.reconstruction.layer_reconstruction import layer_generator, optimise_rounding
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 
@@ -48,11 +49,13 @@ class LayerCase:
                                          generator), generator
 
 
-def step_seconds(case: LayerCase, cfg: AdaRoundConfig) -> list[float]:
+def step_seconds(case: LayerCase, cfg: AdaRoundConfig,
+                 ranks: RankGroup | None = None) -> list[float]:
     """Seconds of each step after the first of one ``optimise_rounding`` run (the first
-    pays for allocations and kernel selection); the caller sets the threads."""
+    pays for allocations and kernel selection); the caller sets the threads. ``ranks``:
+    this process's share of a data-parallel run."""
     samples, generator = case.samples()
     stamps = [time.perf_counter()]
     optimise_rounding(case.layer, samples, cfg, generator,
-                      on_step=lambda _: stamps.append(time.perf_counter()))
+                      on_step=lambda _: stamps.append(time.perf_counter()), ranks=ranks)
     return [b - a for a, b in zip(stamps[1:-1], stamps[2:], strict=True)]

@@ -8,6 +8,7 @@
     python -m flows compare --last 5            # the last MLflow pipeline runs side by side
     python -m flows check                       # validate params, files, callables, store
     python -m flows gc --dry-run                # caches and results the params cannot reach
+    torchrun --nproc-per-node 2 -m flows adaround   # data-parallel AdaRound (README)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flows.console import (
     show_prefect_runs,
 )
 from flows.environment import apply_process_defaults
+from flows.ranks import launched_by_torchrun, run_on_ranks
 from flows.summary import format_stage_result
 
 STAGE_NAMES = ["data", "train", "calibrate", "adaround", "export", "evaluate", "run"]
@@ -65,8 +67,19 @@ def main(args: argparse.Namespace) -> int:
 
         start_worker(args.params, args.pool)  # checks the pool, then becomes the worker
         return 0
+    if launched_by_torchrun():
+        if args.stage not in STAGE_NAMES:
+            raise ValueError(f"under torchrun only the pipeline stages run "
+                             f"({', '.join(STAGE_NAMES)}); run `python -m flows {args.stage}` "
+                             f"without torchrun")
+        return run_on_ranks(load_args_params(args), lambda: _flow_run(args))
     if args.stage in LOCAL_COMMANDS or args.stage == "serve":
         return _no_flow_run(args, load_args_params(args))
+    return _flow_run(args)
+
+
+def _flow_run(args: argparse.Namespace) -> int:
+    """A stage, the whole chain or a sweep, as Prefect flow runs."""
     from flows.api_server import start_temporary_api_server
 
     server = start_temporary_api_server()  # boots while the imports below run

@@ -20,6 +20,7 @@ DEBUG_ENV = "ADAROUND_DEBUG"
 EXIT_BAD_INPUT = 2  # bad params or data, a missing file, an unreachable store: fix, then rerun
 EXIT_DISK = 74  # a full, read-only or forbidden directory (EX_IOERR)
 EXIT_BUSY = 75  # another run holds the outputs (EX_TEMPFAIL): rerun when it has finished
+EXIT_RANK_LOST = 76  # another torchrun rank stopped (EX_PROTOCOL): rerun to resume
 
 
 def configure_logging(verbose: bool) -> None:
@@ -44,11 +45,14 @@ def debug_requested(flag: bool) -> bool:
 
 def exit_code(err: BaseException) -> int | None:
     """The exit code of a failure the user acts on; None for anything else (a bug)."""
+    from adaround_core.reconstruction.distributed import RankLostError
     from flows.runtime import OutputsBusyError  # imported late: they import torch
     from tasks.failures import is_disk_error, is_user_error
 
     if isinstance(err, OutputsBusyError):
         return EXIT_BUSY
+    if isinstance(err, RankLostError):
+        return EXIT_RANK_LOST
     if is_disk_error(err):
         return EXIT_DISK
     return EXIT_BAD_INPUT if is_user_error(err) else None

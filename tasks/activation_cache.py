@@ -23,8 +23,9 @@ from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact
 from tasks.capture import open_capture
 from tasks.failures import disk_problem, pipeline_task
+from tasks.guard_batches import training_inputs
 from tasks.layer_jobs import LayerJob
-from tasks.model_state import calibration_inputs, layer_models
+from tasks.model_state import layer_models
 from tasks.run_logging import run_logger
 
 
@@ -100,7 +101,7 @@ def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
                                         job.calibrated, job.previous)
         with rounding_mode(model, job.params.adaround.num_threads):
             capture = open_capture(job, model, reference,
-                                   calibration_inputs(job.params, job.dataset))
+                                   training_inputs(job.params, job.dataset))
             try:
                 rows = write_layer_cache(tmp, capture.pairs())
                 if capture.saves_frontiers:

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from adaround_core.reconstruction.distributed import RankLostError
 from tasks.params import PreflightError
 
 # errno -> (what happened, what to do); the directory's settings key is added by the caller
@@ -62,14 +63,14 @@ def is_user_error(exc: BaseException) -> bool:
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect's ``retry_condition_fn``: retry unless the failure is the user's to fix (or a
-    type error, which no retry changes)."""
+    type error, or a torchrun rank that stopped: no retry changes either)."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:
             exc = state.result(raise_on_failure=False)
         except Exception:
             return True
-    return not (is_user_error(exc) or isinstance(exc, TypeError))
+    return not (is_user_error(exc) or isinstance(exc, (TypeError, RankLostError)))
 
 
 def pipeline_task(retries: int = 0, retry_delay_seconds: float = 0, **options: Any):

@@ -7,10 +7,13 @@ from pathlib import Path
 
 from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.quant.quant_layers import quant_layers
+from adaround_core.reconstruction.distributed import RankGroup
 from adaround_core.reconstruction.layer_reconstruction import layer_generator, reconstruct_layer
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact, LayerResult
+from tasks.data_parallel import announce_layer
 from tasks.failures import pipeline_task
+from tasks.guard_batches import guarded_layer_model
 from tasks.io import save_tensors
 from tasks.layer_jobs import LayerJob
 from tasks.layer_results import finished_result, write_result
@@ -18,17 +21,20 @@ from tasks.model_state import calibrated_model
 from tasks.params import PipelineParams
 
 
-def _round(job: LayerJob, cache: Artifact) -> dict:
+def round_layer(job: LayerJob, cache: Artifact, ranks: RankGroup | None = None) -> dict:
+    """The rounded weight and report of ``job``'s layer (``ranks``: with torchrun's other
+    ranks, each taking its share of every batch; nothing is written)."""
     cfg = job.params.adaround
-    model = calibrated_model(job.params, job.dataset, job.float_model, job.calibrated,
-                             job.previous)
+    model, guard = guarded_layer_model(job.params, job.dataset, job.float_model,
+                                       job.calibrated, job.previous)
     layer = quant_layers(model)[job.name]
     generator = layer_generator(cfg.seed, job.name)
     with rounding_mode(model, cfg.num_threads):
         layer.freeze_weight_qparams()
         samples = LayerSamples.from_cache(Path(cache.path), cfg.holdout_fraction, generator,
                                           layer.weight.device)
-        report = reconstruct_layer(job.name, layer, samples, cfg, generator)
+        report = reconstruct_layer(job.name, layer, samples, cfg, generator,
+                                   output_guard=guard, ranks=ranks)
     return {"weight": layer.weight.detach(), "report": asdict(report)}
 
 
@@ -42,7 +48,7 @@ def adaround_layer(job: LayerJob, cache: Artifact) -> LayerResult:
     reused = finished_result(job)
     if reused is not None:
         return reused
-    outcome = _round(job, cache)
+    outcome = round_layer(job, cache, announce_layer(job, cache))
     return write_result(job, outcome["weight"], outcome["report"])
 
 

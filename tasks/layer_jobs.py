@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from adaround_core.calibration.capture_method import ONE_PASS
+from adaround_core.reconstruction.distributed import current_group
 from adaround_core.reconstruction.threads import AVAILABLE_CPU_THREADS
 from tasks.artifacts import Artifact, LayerPlan, LayerResult
+from tasks.guard_batches import guards_output, held_out_settings
 from tasks.model_state import compute_device
 from tasks.params import PipelineParams
 from tasks.versioning import code_version, source_digest
@@ -75,14 +77,19 @@ class LayerJob:
 
     @property
     def cache_key(self) -> str:
-        """Key of the layer's cached activations."""
-        return self._digest()
+        """Key of the layer's cached activations (with ``guard: output``, of the batches
+        that are not held out)."""
+        held_out = held_out_settings(self.params)
+        return self._digest(held_out) if held_out else self._digest()
 
     @property
     def result_key(self) -> str:
         """Key of the layer's rounding result (adds the AdaRound settings)."""
-        rounding = self.params.adaround.model_dump(mode="json", exclude=ROUNDING_KEYS_IGNORED)
-        return self._digest(rounding)
+        ignored = ROUNDING_KEYS_IGNORED | ({"guard_batches"} if not guards_output(self.params)
+                                           else set())
+        rounding = self.params.adaround.model_dump(mode="json", exclude=ignored)
+        ranks = current_group()  # torchrun: the sum over the ranks' slices is another sum
+        return self._digest(rounding, *([f"ranks/{ranks.world_size}"] if ranks else []))
 
     def cache_dir(self) -> Path:
         return (Path(self.params.runtime.cache_dir) / "activations"

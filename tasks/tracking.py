@@ -45,7 +45,9 @@ ROLE_TAG = "pipeline.role"  # "pipeline" on the parent run; the child runs carry
 PARENT_ROLE = "pipeline"
 CHECKPOINTS = {"float": "float_checkpoint", "baseline": "calibrated_checkpoint",
                "adaround": "adaround_checkpoint"}  # child role -> Layout attribute
-LAYER_COLUMNS = ("index", "layer", "nearest_mse", "adaround_mse", "decision", "seconds")
+LAYER_COLUMNS = ("index", "layer", "nearest_mse", "adaround_mse", "nearest_output_mse",
+                 "adaround_output_mse", "decision", "seconds")
+LAYER_METRICS = ("nearest_mse", "adaround_mse", "nearest_output_mse", "adaround_output_mse")
 # no retries (nothing listening fails at once), but time for a busy server to answer
 _FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 # While recording: a few quick retries (a busy server, a restart), then the local store;
@@ -249,7 +251,8 @@ def _log_layers(client: MlflowClient, run_id: str, layout: Layout) -> None:
     rows = read_json(layout.layer_report)
     now = int(time.time() * 1000)
     _log(client, run_id, [Metric(key, float(row[key]), now, int(row["index"]))
-                          for row in rows for key in ("nearest_mse", "adaround_mse")])
+                          for row in rows for key in LAYER_METRICS
+                          if row.get(key) is not None])  # output errors: guard=output only
     client.log_table(run_id, {c: [row.get(c) for row in rows] for c in LAYER_COLUMNS},
                      "layer_errors.json")
     client.log_figure(run_id, layer_error_figure(rows), "layer_errors.png")

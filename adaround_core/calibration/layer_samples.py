@@ -83,11 +83,16 @@ class LayerSamples:
         """``(row shape, number of training rows)`` of each group."""
         return [(tuple(g.inputs.row_shape), len(g.train)) for g in self._groups]
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch_size`` random training rows ``(inputs, targets)``."""
+    def sample(self, batch_size: int, generator: torch.Generator,
+               part: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` random training rows ``(inputs, targets)``; with ``part``
+        (``start, stop``) only that slice of them, drawn with the same random numbers (one
+        rank's share of a data-parallel batch)."""
         g = self._groups[0] if len(self._groups) == 1 else \
             self._groups[int(torch.multinomial(self._weights, 1, generator=generator))]
         idx = torch.randint(len(g.train), (batch_size,), generator=generator)
+        if part is not None:
+            idx = idx[part[0]:part[1]]
         return g.rows(g.train[idx])
 
     def holdout(self, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

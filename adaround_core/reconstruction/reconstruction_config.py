@@ -6,7 +6,7 @@ Validation and errors are those of every engine config (:mod:`adaround_core.conf
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -29,7 +29,11 @@ class AdaRoundConfig(EngineConfig):
     lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the rounding variables")
     batch_size: int | None = Field(None, ge=1, description="samples per step; None: the calibration batch size")
     seed: int = Field(0, description="seed of sampling and of the held-out split")
-    guard: bool = Field(True, description="keep nearest rounding where AdaRound is worse on held-out samples")
+    guard: Literal["layer", "output", "off"] = Field(
+        "layer", description="keep nearest rounding where AdaRound is worse on held-out samples: "
+                             "the layer's output (layer) or the model's (output); True/False "
+                             "are read as layer/off")
+    guard_batches: int = Field(1, ge=1, description="calibration batches held out for guard=output")
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of cached samples kept for evaluation")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: chosen automatically")
     progress: bool = Field(True, description="show a progress bar")
@@ -42,6 +46,13 @@ class AdaRoundConfig(EngineConfig):
                              f"write [{value!r}]")
         if isinstance(value, tuple):
             return list(value)
+        return value
+
+    @field_validator("guard", mode="before")
+    @classmethod
+    def _guard_from_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # the seed-era boolean: True was the layer guard
+            return "layer" if value else "off"
         return value
 
     @field_validator("b_range", mode="before")

@@ -35,12 +35,21 @@ class ReconstructionReport:
         return [asdict(layer) for layer in self.layers]
 
     def format_table(self) -> str:
-        """A fixed-width text table of the per-layer outcomes."""
+        """A fixed-width text table of the per-layer outcomes (with ``guard: output``, also
+        the model's output errors)."""
         width = max([len("layer"), *(len(r.name) for r in self.layers)])
-        rows = [f"{'layer':<{width}} {'nearest MSE':>12} {'AdaRound MSE':>12} {'kept':>9} "
-                f"{'s':>7} {'thr':>3} {'GFLOP/step':>10}"]
+        model = any(r.nearest_output_mse is not None for r in self.layers)
+        extra = f" {'nearest out':>12} {'AdaRound out':>12}" if model else ""
+        rows = [f"{'layer':<{width}} {'nearest MSE':>12} {'AdaRound MSE':>12}{extra} "
+                f"{'kept':>15} {'s':>7} {'thr':>3} {'GFLOP/step':>10}"]
         for r in self.layers:
-            rows.append(f"{r.name:<{width}} {r.nearest_mse:>12.4g} {r.adaround_mse:>12.4g} "
-                        f"{r.decision:>9} {r.seconds:>7.2f} {r.threads:>3} "
+            extra = f" {_number(r.nearest_output_mse)} {_number(r.adaround_output_mse)}" \
+                if model else ""
+            rows.append(f"{r.name:<{width}} {r.nearest_mse:>12.4g} {r.adaround_mse:>12.4g}"
+                        f"{extra} {r.decision:>15} {r.seconds:>7.2f} {r.threads:>3} "
                         f"{r.step_flops / 1e9:>10.4g}")
         return "\n".join(rows)
+
+
+def _number(value: float | None) -> str:
+    return f"{'-':>12}" if value is None else f"{value:>12.4g}"

@@ -20,7 +20,9 @@ from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
+from adaround_core.reconstruction.distributed import RankGroup, check_same_settings, join
 from adaround_core.reconstruction.layer_reconstruction import layer_generator, reconstruct_layer
+from adaround_core.reconstruction.output_guard import GUARD_OUTPUT, OutputGuard, split_held_out
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.rounding_mode import rounding_mode
@@ -44,16 +46,25 @@ def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
     calibration statistics are left as they were. ``batches`` is a list/tuple (moved
     to the model's device once) or a DataLoader (streamed, ``num_batches`` of it).
     Returns the per-layer report.
+
+    Under ``torchrun`` (several ranks, each with the same model and batches) the ranks
+    split every optimisation batch and sum their gradients (:mod:`~.distributed`); they
+    must all get the same ``custom_config_dict`` and end with the same weights.
     """
     cfg = AdaRoundConfig.from_dict(custom_config_dict)
     layers = _prepared_layers(calib_model)
+    ranks = join(model_device(calib_model))
+    if ranks is not None:
+        check_same_settings(ranks, cfg.model_dump(mode="json", exclude={"progress"}),
+                            "custom_config_dict")
+        cfg = cfg.model_copy(update={"progress": cfg.progress and ranks.rank == 0})
     data = CalibrationBatches(batches, batch_process_func, model_device(calib_model),
                               cfg.num_batches)
     data.check_all()
     check_any_calibrated(layers)  # before any forward pass (one may fold BatchNorms)
     selected, calls = rounding_order(calib_model, data.first(), cfg.exclude_prefix)
     with rounding_mode(calib_model, cfg.num_threads) as num_threads:
-        report = _reconstruct_layers(calib_model, layers, selected, calls, data, cfg)
+        report = _reconstruct_layers(calib_model, layers, selected, calls, data, cfg, ranks)
     report.num_threads = num_threads
     return report
 
@@ -76,13 +87,17 @@ def rounding_order(model: nn.Module, batch: Any, exclude_prefix: list[str],
 
 def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], selected: list[str],
                         calls: dict[str, int], data: CalibrationBatches,
-                        cfg: AdaRoundConfig) -> ReconstructionReport:
+                        cfg: AdaRoundConfig, ranks: RankGroup | None) -> ReconstructionReport:
     float_model = float_reference(model)
-    capturer = layer_capturer(model, float_model, selected, data, data.first(),
+    training, guard = data, None
+    if cfg.guard == GUARD_OUTPUT:
+        training, held_out = split_held_out(data, cfg.guard_batches, cfg.seed)
+        guard = OutputGuard(model, float_model, held_out)
+    capturer = layer_capturer(model, float_model, selected, training, data.first(),
                               (QuantLayerMixin, FakeQuantize), ONE_PASS_CAPTURE)
     report = ReconstructionReport(capture_method=capturer.method, capture_note=capturer.note)
     try:
-        _round_in_order(layers, selected, calls, capturer, cfg, report)
+        _round_in_order(layers, selected, calls, capturer, cfg, report, guard, ranks)
     finally:
         capturer.close()
     return report
@@ -90,7 +105,8 @@ def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], se
 
 def _round_in_order(layers: dict[str, QuantLayerMixin], selected: list[str],
                     calls: dict[str, int], capturer: LayerCapturer, cfg: AdaRoundConfig,
-                    report: ReconstructionReport) -> None:
+                    report: ReconstructionReport, guard: OutputGuard | None,
+                    ranks: RankGroup | None) -> None:
     with tqdm(total=len(selected) * cfg.num_steps, unit="step", desc="AdaRound",
               disable=not cfg.progress) as bar:
         for name in selected:
@@ -102,7 +118,8 @@ def _round_in_order(layers: dict[str, QuantLayerMixin], selected: list[str],
             samples = LayerSamples.from_tensors(inputs, targets, cfg.holdout_fraction, generator)
             del inputs, targets
             report.layers.append(reconstruct_layer(name, layer, samples, cfg, generator,
-                                                   on_step=lambda _: bar.update()))
+                                                   on_step=lambda _: bar.update(),
+                                                   output_guard=guard, ranks=ranks))
 
 
 def _prepared_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:

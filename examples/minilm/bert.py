@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MASK_BIAS = -1e4  # added to the attention scores of padding tokens
+
 
 @dataclass(frozen=True)
 class BertShape:
@@ -101,9 +103,11 @@ class SentenceEncoder(nn.Module):
 
 
 def _mask_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, 1, 1, L]`` additive bias: 0 for tokens, the most negative float for padding."""
+    """``[B, 1, 1, L]`` additive bias: 0 for tokens, ``MASK_BIAS`` for padding (its softmax
+    weight is exactly 0 in float32 and float16; a constant, not ``torch.finfo(dtype).min``,
+    so that torch.fx can trace the model)."""
     keep = attention_mask[:, None, None, :].to(dtype)
-    return (1.0 - keep) * torch.finfo(dtype).min
+    return (1.0 - keep) * MASK_BIAS
 
 
 def _mean_pool(tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

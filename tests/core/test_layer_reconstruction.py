@@ -131,7 +131,7 @@ def test_guard_keeps_nearest_when_adaround_is_worse():
     report = reconstruct_layer("fc", layer, samples, _cfg(num_steps=5, lr=100.0, warm_up=1.0),
                                torch.Generator().manual_seed(0))
     assert report.adaround_mse > report.nearest_mse
-    assert report.decision == "nearest" and report.kept_nearest
+    assert report.decision == "nearest(layer)" and report.kept_nearest
     assert torch.equal(layer.weight, nearest)
 
 

@@ -26,7 +26,7 @@ def test_defaults_equal_the_seeds(custom):
     assert cfg.warm_up == 0.2
     assert cfg.weight == 0.01
     assert cfg.b_range == (20, 2)
-    assert cfg.lr > 0 and cfg.guard is True and cfg.batch_size is None
+    assert cfg.lr > 0 and cfg.guard == "layer" and cfg.batch_size is None
 
 
 def test_the_seeds_dict_is_accepted_verbatim():
@@ -95,6 +95,7 @@ def test_unknown_key_without_close_match_lists_known_keys():
         ({"holdout_fraction": 1.0}, "holdout_fraction"),
         ({"num_threads": 0}, "num_threads"),
         ({"guard": "yes"}, "guard"),
+        ({"guard_batches": 0}, "guard_batches"),
     ],
 )
 def test_bad_values_are_value_errors_naming_the_key(custom, key):

@@ -51,7 +51,7 @@ def test_pipeline_completes_and_writes_every_output(run, pipe):
                                                   - metrics["baseline"]["top1"])
     report = read_json(layout.layer_report)
     assert [row["layer"] for row in report] == pipe.layers
-    assert all(row["decision"] in ("adaround", "nearest") for row in report)
+    assert all(row["decision"] in ("adaround", "nearest(layer)") for row in report)
     assert layout.layer_plot.read_text().splitlines()[0] == \
         "index,layer,nearest_mse,adaround_mse,decision"
     assert len(pipe.result_files(Path(params.runtime.results_dir).parent)) == len(pipe.layers)

@@ -18,6 +18,9 @@ from conftest import REPO, VENV_BIN, project_env, run_cmd, write_params
 
 from flows.environment import RESULT_STORAGE_KEYS
 
+FORCED_KEYS = ("forced_points", "forced_max_code_step", "forced_max_flip_share",
+               "forced_output_diff_of_range")
+
 README_SECTION = "## Use your own model"
 
 
@@ -169,7 +172,7 @@ def test_a_tuple_input_classifier_whose_factory_loads_its_weights(tmp_path, pipe
     metrics = _metrics(project)
     assert metrics["float"] == {"top1": 100.0}  # the factory's own weights, untrained
     assert set(metrics["onnx"]) == {"top1", "agreement", "max_abs_diff", "reference_agreement",
-                                    "reference_max_abs_diff"}  # argmax parity: a classifier
+                                    "reference_max_abs_diff", *FORCED_KEYS}  # argmax: a classifier
     assert metrics["onnx"]["reference_agreement"] == 1.0
     manifest = json.loads((project / "data" / "dataset" / "manifest.json").read_text())
     assert manifest["calibration"]["sample"] == [["float32[6]", "float32[4]"], "int64[]"]

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from adaround_core.calibration.layer_capture import capture_layer_io
 from adaround_core.calibration.layer_samples import LayerSamples
@@ -32,7 +33,7 @@ from tasks.layer_adaround import adaround_layer, assemble_checkpoint
 from tasks.layer_jobs import LayerJob
 from tasks.layout import Layout, existing
 from tasks.model_state import calibration_inputs, layer_models
-from tasks.onnx_evaluation import ParityError, evaluate_onnx, parity
+from tasks.onnx_evaluation import ParityError, agreement, evaluate_onnx
 from tasks.planning import plan_layers
 from tasks.training import train_float_model
 
@@ -266,33 +267,39 @@ def test_export_and_onnx_runtime_evaluation(tmp_path, params, inputs, pipe):
     assert json.loads(layout.encodings.read_text())["version"] == "0.6.1"
     assert set(load_tensors(layout.integer_weights)) >= {"conv1.weight.int", "conv1.weight.scale"}
     scores = evaluate_onnx.fn(local, dataset, float_model, rounded, onnx_file)
+    activation_points = sum(k.endswith(".input.scale") for k in load_tensors(layout.integer_weights))
     torch_scores = evaluate_models.fn(local, dataset, float_model, calibrated, rounded)
     assert scores["reference_agreement"] == 1.0 and scores["reference_max_abs_diff"] < 1e-4
+    assert scores["forced_points"] == activation_points and scores["forced_max_code_step"] <= 1
     assert abs(scores["top1"] - torch_scores["adaround"]["top1"]) <= \
         100 * (1 - scores["agreement"])
 
+    graph = onnx.load(str(layout.onnx_model))  # a wrong weight in the file: the gate names it
+    for init in graph.graph.initializer:
+        if init.name == "conv1.weight":
+            init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    onnx.save(graph, str(layout.onnx_model))
+    with pytest.raises(ParityError, match=r"at the input of layer 'conv2' .*nothing was "
+                                          r"recorded"):
+        evaluate_onnx.fn(local, dataset, float_model, rounded, onnx_file)
 
-def test_parity_names_the_first_disagreeing_sample():
-    expected = np.array([[1.0, 0.0]] * 999 + [[0.0, 1.0]])
-    assert parity([expected], [expected.copy()], "argmax") == {"agreement": 1.0,
-                                                              "max_abs_diff": 0.0}
-    flipped = expected.copy()
+
+def test_agreement_is_argmax_for_logits_and_cosine_for_other_outputs():
+    logits = np.array([[1.0, 0.0]] * 999 + [[0.0, 1.0]])
+    flipped = logits.copy()
     flipped[[3, 7]] = [[0.0, 1.0]]
-    with pytest.raises(ParityError, match=r"class 1 for evaluation sample 3 where PyTorch "
-                                          r"predicts 0; only 99.80% .*nothing was recorded"):
-        parity([expected], [flipped], "argmax")
-
-
-def test_cosine_parity_judges_outputs_that_are_not_logits():
+    scores, same = agreement([logits], [flipped], "argmax")
+    assert scores == {"agreement": 0.998, "max_abs_diff": 1.0}
+    assert list(np.flatnonzero(~same)) == [3, 7]
     rng = np.random.default_rng(0)
     expected = [rng.normal(size=(1000, 4, 8)).astype(np.float32)]
     close = [expected[0] + 1e-4]
-    scores = parity(expected, close, "cosine")
-    assert scores["agreement"] == 1.0 and scores["min_cosine"] > 0.999
+    assert agreement(expected, close, "cosine")[0]["min_cosine"] > 0.999
     far = [expected[0].copy()]
     far[0][[5, 9]] = -far[0][[5, 9]]
-    with pytest.raises(ParityError, match=r"evaluation sample 5 outputs at cosine -1.000000"):
-        parity(expected, far, "cosine")
+    scores, same = agreement(expected, far, "cosine")
+    assert scores["agreement"] == 0.998 and scores["min_cosine"] == pytest.approx(-1.0)
+    assert list(np.flatnonzero(~same)) == [5, 9]
 
 
 def test_layer_keys_carry_the_automatic_thread_choice(params, inputs, monkeypatch):
