@@ -4,6 +4,7 @@
     python -m flows adaround -S adaround.num_steps=500
     python -m flows sweep -V quant.weight_bits=2 -V quant.weight_bits=4   # variants at once
     python -m flows serve --cron "0 2 * * *"    # nightly, against `prefect server start`
+    python -m flows worker --pool adaround      # a process worker for prefect.yaml's deployments
     python -m flows compare --last 5            # the last MLflow pipeline runs side by side
     python -m flows check                       # validate params, files, callables, store
     python -m flows gc --dry-run                # caches and results the params cannot reach
@@ -31,7 +32,8 @@ STAGE_NAMES = ["data", "train", "calibrate", "adaround", "export", "evaluate", "
 # no flow run, no Prefect server: validate everything / metrics of the last run / the last
 # MLflow runs / remove caches and results the current params cannot reach
 LOCAL_COMMANDS = ["check", "show", "compare", "gc"]
-SCALE_COMMANDS = ["sweep", "serve"]  # variants at once (flows/sweep.py); nightly (schedule.py)
+# variants at once (flows/sweep.py); nightly (schedule.py); a checked worker (worker.py)
+SCALE_COMMANDS = ["sweep", "serve", "worker"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cron", default="0 2 * * *",
                    help="serve: cron schedule of the pipeline (default: 02:00 nightly)")
     p.add_argument("--name", default="nightly", help="serve: deployment name")
+    p.add_argument("--pool", default="adaround",
+                   help="worker: the Prefect work pool to take runs from (default: adaround)")
     p.add_argument("--last", type=int, default=5, help="compare: how many runs (default: 5)")
     p.add_argument("--dry-run", action="store_true", help="gc: list what would be removed")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -58,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
+    if args.stage == "worker":
+        from flows.worker import start_worker
+
+        start_worker(args.params, args.pool)  # checks the pool, then becomes the worker
+        return 0
     if launched_by_torchrun():
         if args.stage not in STAGE_NAMES:
             raise ValueError(f"under torchrun only the pipeline stages run "

@@ -30,6 +30,8 @@ SCORE_TAG, METRIC_TAG = "promotion.score", "promotion.metric"
 DECISION_TAG, REASON_TAG = "promotion.decision", "promotion.reason"
 PARENT_TAG = "pipeline.parent_run"
 SCORED_ROLES = ("float", "baseline", "adaround", "onnx")
+# what MLflow answers for a model or alias that does not exist (not for a failed request)
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 @dataclass(frozen=True)
@@ -97,11 +99,14 @@ def decide(metric: str, metrics: dict, champion: ModelVersion | None, tolerance:
 
 
 def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
-    """The version holding the ``champion`` alias, or None."""
+    """The version holding the ``champion`` alias, or None; a store that fails (a server
+    gone) raises instead of reading as "no champion yet"."""
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code in _NOT_FOUND:
+            return None
+        raise
 
 
 def ensure_registered_model(client: MlflowClient, name: str) -> None:

@@ -48,7 +48,15 @@ CHECKPOINTS = {"float": "float_checkpoint", "baseline": "calibrated_checkpoint",
 LAYER_COLUMNS = ("index", "layer", "nearest_mse", "adaround_mse", "nearest_output_mse",
                  "adaround_output_mse", "decision", "seconds")
 LAYER_METRICS = ("nearest_mse", "adaround_mse", "nearest_output_mse", "adaround_output_mse")
-_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+# no retries (nothing listening fails at once), but time for a busy server to answer
+_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# While recording: a few quick retries (a busy server, a restart), then the local store;
+# MLflow's defaults (7 retries, back-off 2) wait ~4 minutes per call on a dead server.
+# Values the user set in the environment win.
+_RECORDING_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+_DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores besides SQLite
 _BATCH = 100  # MLflow's log_batch takes at most 100 params and 100 tags per call
 _CONNECTION_ERRORS = {"NewConnectionError": "nothing answers there (connection refused)",
                       "NameResolutionError": "its host name does not resolve",
@@ -91,7 +99,7 @@ def _short(err: BaseException, limit: int = 200) -> str:
     for marker, reason in _CONNECTION_ERRORS.items():  # urllib3's text hides the cause
         if marker in text:
             return reason
-    text = text.split("Caused by ", 1)[-1]
+    text = text.split("Caused by ", 1)[-1].split(" (Background on this error", 1)[0]
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -124,12 +132,35 @@ def _fail_fast() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _probe_database(uri: str) -> None:
+    """Connect once to a database store (MLflow itself retries for minutes)."""
+    scheme = uri.split(":", 1)[0]
+    if scheme.split("+")[0] not in _DATABASE_SCHEMES:
+        return
+    import sqlalchemy
+
+    if scheme == "postgresql":  # SQLAlchemy 2.1's default driver is psycopg 3
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ModuleNotFoundError("postgresql:// means the psycopg (3) driver, which is "
+                                      "not installed; write postgresql+psycopg2://") from None
+    timeout = {"connect_timeout": 10} if scheme.startswith(("postgresql", "mysql")) else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=timeout)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
 def check_uri(uri: str) -> str:
     """The store at ``uri`` answers within seconds (no retries); raise ``TrackingStoreError``."""
     db = sqlite_path(uri)
     if db is not None and not db.parent.is_dir():
         raise TrackingStoreError(uri, f"directory {db.parent} does not exist")
     try:
+        _probe_database(uri)
         with _fail_fast():
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # MLflow, connection and database errors alike
@@ -186,13 +217,16 @@ def top1_metrics(metrics: dict) -> dict[str, dict[str, float]]:
 
 @contextlib.contextmanager
 def _run(client: MlflowClient, experiment_id: str, role: str, tags: dict[str, str],
-         parent_id: str | None = None) -> Iterator[str]:
-    """A run that ends FINISHED, or FAILED when the block raises."""
+         parent_id: str | None = None, created: list[str] | None = None) -> Iterator[str]:
+    """A run that ends FINISHED, or FAILED when the block raises (its id appended to
+    ``created``)."""
     tags = {**tags, ROLE_TAG: role}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     run_id = client.create_run(experiment_id, tags=tags,
                                run_name=role if parent_id else None).info.run_id
+    if created is not None:
+        created.append(run_id)
     try:
         yield run_id
     except BaseException:
@@ -233,19 +267,21 @@ class RecordedRun:
     registered: Registered | None = None
 
 
-def _record(uri: str, params: PipelineParams, layout: Layout, metrics: dict) -> RecordedRun:
+def _record(uri: str, params: PipelineParams, layout: Layout, metrics: dict,
+            created: list[str] | None = None) -> RecordedRun:
     if params.tracking.registered_model:
         promote_metric(params, metrics)  # a wrong name fails before anything is recorded
     client = MlflowClient(uri)
     experiment_id = _experiment_id(client, params.tracking.experiment, uri)
     tags, config, top1 = provenance_tags(), params.flat(), top1_metrics(metrics)
     registered = None
-    with _run(client, experiment_id, PARENT_ROLE, tags) as parent:
+    with _run(client, experiment_id, PARENT_ROLE, tags, created=created) as parent:
         _log(client, parent, _metrics(top1[PARENT_ROLE]), config,
              {"params.digest": params.digest()})
         client.log_dict(parent, params.model_dump(mode="json"), "params.yaml")
         for role, checkpoint in CHECKPOINTS.items():
-            with _run(client, experiment_id, role, tags, parent_id=parent) as child:
+            with _run(client, experiment_id, role, tags, parent_id=parent,
+                      created=created) as child:
                 _log(client, child, _metrics(top1[role]), config)
                 _log_artifact(client, child, getattr(layout, checkpoint), "checkpoints")
                 if role == "adaround":
@@ -275,11 +311,17 @@ def log_pipeline_run(params: PipelineParams, layout: Layout, metrics: dict) -> R
     ``tracking.registered_model`` is set).
 
     When a store other than the local one fails, the run is recorded in the local store
-    instead and a warning says where: a server being down never loses a result.
+    instead and a warning says where: a server being down never loses a result. When it
+    failed in the middle, the warning also names the runs left incomplete on that store
+    (FAILED, or RUNNING if it could not even be told).
     """
     uri = tracking_uri(params)
+    created: list[str] = []
+    if uri.startswith(("http://", "https://")):
+        for key, value in _RECORDING_RETRIES.items():
+            os.environ.setdefault(key, value)
     try:
-        recorded = _record(check_uri(uri), params, layout, metrics)
+        recorded = _record(check_uri(uri), params, layout, metrics, created)
     except Exception as err:
         local = local_tracking_uri()
         if _same_store(uri, local) or (is_user_error(err)
@@ -287,9 +329,12 @@ def log_pipeline_run(params: PipelineParams, layout: Layout, metrics: dict) -> R
             raise
         recorded = _record(local, params, layout, metrics)
         reason = err.reason if isinstance(err, TrackingStoreError) else _short(err)
+        partial = (f"; the partial record left there (parent run {created[0]}, never "
+                   f"FINISHED{', child runs ' + ', '.join(created[1:]) if created[1:] else ''})"
+                   f" is not this run's record" if created else "")
         logger.warning("MLflow store %s failed (%s): run %s was recorded in the LOCAL store %s "
-                       "instead; view it with %s", uri, reason, recorded.run_id, local,
-                       _view_hint(local))
+                       "instead; view it with %s%s", uri, reason, recorded.run_id, local,
+                       _view_hint(local), partial)
         return recorded
     logger.info("MLflow run %s of experiment %r recorded in %s (view it with %s)",
                 recorded.run_id, params.tracking.experiment, uri, _view_hint(uri))
