@@ -12,7 +12,10 @@ import pytest
 from conftest import REPO, subprocess_env
 
 CRON = "0 2 * * *"
-DEPLOYMENT = "adaround-nightly/nightly"
+# not prefect.yaml's "nightly", which tests/pipeline/test_deployments.py deploys to the same
+# session server
+NAME = "nightly-served"
+DEPLOYMENT = f"adaround-nightly/{NAME}"
 
 
 @pytest.fixture
@@ -46,7 +49,8 @@ def test_serve_registers_the_nightly_schedule_and_runs_it(tmp_path, api, pipe):
     log = tmp_path / "serve.log"
     env = subprocess_env(api, PYTHONPATH=str(REPO), PREFECT_RUNNER_POLL_FREQUENCY="1")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows", "serve", "--cron", CRON],
+        proc = subprocess.Popen([sys.executable, "-m", "flows", "serve", "--cron", CRON,
+                                "--name", NAME],
                                 cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deployment = _wait_for_deployment(proc, log)
