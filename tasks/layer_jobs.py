@@ -76,11 +76,21 @@ class LayerJob:
         return requested if requested is not None else f"auto/{AVAILABLE_CPU_THREADS}"
 
     @property
+    def quantizes_input(self) -> bool:
+        """Whether the cache holds the layer's fake-quantized inputs (plain AdaRound) or
+        those before its activation fake-quant (``drop_prob`` / ``activation_lr``: the
+        unit path quantizes them itself)."""
+        return not self.params.adaround.trains_activations
+
+    @property
     def cache_key(self) -> str:
         """Key of the layer's cached activations (with ``guard: output``, of the batches
-        that are not held out)."""
+        that are not held out; unchanged for plain AdaRound's quantized inputs)."""
         held_out = held_out_settings(self.params)
-        return self._digest(held_out) if held_out else self._digest()
+        extra = [held_out] if held_out else []
+        if not self.quantizes_input:
+            extra.append({"quantize_input": False})
+        return self._digest(*extra)
 
     @property
     def result_key(self) -> str:

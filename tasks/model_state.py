@@ -18,6 +18,7 @@ from adaround_core.quant.prepare import prepare_qat_fx
 from adaround_core.quant.quant_layers import quant_layers
 from tasks.artifacts import Artifact, LayerResult
 from tasks.datasets import first_line
+from tasks.input_qparams import apply_input_qparams
 from tasks.io import import_object, load_tensors
 from tasks.params import PipelineParams
 from tasks.pretrained import load_pretrained
@@ -109,7 +110,7 @@ def calibrated_model(params: PipelineParams, dataset: Artifact, float_model: Art
     layer results written in, in VALIDATION state and eval mode, on the compute device."""
     model = _prepared_model(params, dataset, float_model, checkpoint)
     for result in rounded:
-        apply_rounded_weight(model, result.name, load_tensors(Path(result.path))["weight"])
+        apply_result(model, result)
     return model
 
 
@@ -121,8 +122,16 @@ def layer_models(params: PipelineParams, dataset: Artifact, float_model: Artifac
     model = calibrated_model(params, dataset, float_model, calibrated)
     reference = float_reference(model)
     for result in previous:
-        apply_rounded_weight(model, result.name, load_tensors(Path(result.path))["weight"])
+        apply_result(model, result)
     return model, reference
+
+
+def apply_result(model: nn.Module, result: LayerResult) -> None:
+    """Write a layer's result file into ``model``: its rounded weight and, when AdaRound
+    learned them, its input qparams."""
+    tensors = load_tensors(Path(result.path))
+    apply_rounded_weight(model, result.name, tensors["weight"])
+    apply_input_qparams(quant_layers(model)[result.name], result.name, tensors)
 
 
 @torch.no_grad()

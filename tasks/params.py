@@ -114,7 +114,7 @@ class RuntimeParams(_Section):
 
 
 # adaround keys the pipeline refuses unless at their defaults (see _reject_engine_only)
-ENGINE_ONLY = {"granularity": "layer", "blocks": None, "drop_prob": 0.0, "activation_lr": None}
+ENGINE_ONLY = {"granularity": "layer", "blocks": None}
 
 
 class PipelineParams(_Section):
@@ -168,8 +168,8 @@ def parse_params(raw: dict[str, Any] | None) -> PipelineParams:
 
 
 def _reject_engine_only(adaround: AdaRoundConfig) -> None:
-    """Block units, QDrop and learned activation scales are the engine's
-    (``weight_reconstruction``); the pipeline's per-layer tasks do not run them yet."""
+    """Block units are the engine's (``weight_reconstruction``); the pipeline's per-layer
+    tasks do not run them yet."""
     for key, default in ENGINE_ONLY.items():
         if getattr(adaround, key) != default:
             raise ValueError(f"params.yaml: adaround.{key}: {getattr(adaround, key)!r} is not "

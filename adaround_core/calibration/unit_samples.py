@@ -14,12 +14,13 @@ these groups exactly as it does for a single layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from adaround_core.calibration.layer_samples import LayerSamples
-from adaround_core.calibration.sample_store import RowStore, TensorStore
+from adaround_core.calibration.sample_store import RowStore, TensorStore, cached_groups
 from adaround_core.torch_private import tree_flatten, tree_unflatten
 
 Call = tuple[tuple, dict, Any]  # (args, kwargs, float output) of one call of the unit
@@ -56,6 +57,20 @@ def unit_samples(unit: str, calls: Sequence[Call], holdout_fraction: float,
     groups = [(_stack([i for i, _ in members]), _stack([o for _, o in members]))
               for members in grouped.values()]
     return LayerSamples(groups, holdout_fraction, generator, default_batch)
+
+
+def cached_layer_unit_samples(directory: Path, holdout_fraction: float,
+                              generator: torch.Generator,
+                              device: torch.device | str = "cpu") -> LayerSamples:
+    """A layer's disk cache (:func:`~adaround_core.calibration.sample_store.write_layer_cache`)
+    as the samples :func:`unit_samples` makes of its calls ``((x,), {}, y)``: the same groups,
+    rows and draws, read from disk as they are drawn."""
+    groups = cached_groups(Path(directory), device)
+    _, call_spec = tree_flatten(((torch.empty(0),), {}))
+    _, output_spec = tree_flatten(torch.empty(0))
+    stores = [(TreeStore([x], [True], call_spec), TreeStore([y], [True], output_spec))
+              for x, y in groups]
+    return LayerSamples(stores, holdout_fraction, generator, groups[0][0].shards[0].rows)
 
 
 class _Flat:
