@@ -58,6 +58,7 @@ class LayerJob:
     calls: int
     previous: tuple[LayerResult, ...]
     chain: CaptureChain | None = None  # None: capture with a partial pass per batch
+    block: tuple[str, ...] = ()  # granularity block: the layers of the block ``name``
 
     def _digest(self, *extra: object) -> str:
         payload = [self.dataset.digest, self.calibrated.digest, code_version(),
@@ -67,6 +68,7 @@ class LayerJob:
                    compute_device(self.params).type,  # the GPU's sums differ
                    self._threads(),  # so may sums over other thread counts
                    torch.__version__,  # and those of another torch
+                   *([{"block": list(self.block)}] if self.block else []),
                    *extra]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -127,12 +129,12 @@ class LayerJob:
 def plan_job(params: PipelineParams, dataset: Artifact, float_model: Artifact,
              calibrated: Artifact, plan: LayerPlan, results: Sequence[LayerResult],
              upstream: LayerJob | None = None) -> LayerJob:
-    """The job of the plan's layer after ``results`` (the earlier layers' results, in plan
-    order); ``upstream`` is the previous layer's job (None for the first layer). Where the
-    plan found the model segmentable the job continues the previous layer's pass."""
+    """The job of the plan's unit (a layer, or a block) after ``results`` (the earlier units'
+    results, in plan order); ``upstream`` is the previous unit's job (None for the first).
+    Where the plan found the model segmentable the job continues the previous layer's pass."""
     name = plan.names[len(results)]
     chain = None
     if plan.capture_method == ONE_PASS:
         chain = CaptureChain(tuple(plan.names), upstream.cache_key if upstream else "")
     return LayerJob(params, dataset, float_model, calibrated, name, plan.calls[name],
-                    tuple(results), chain)
+                    tuple(results), chain, plan.blocks.get(name, ()))

@@ -22,6 +22,7 @@ from tasks.input_qparams import apply_input_qparams
 from tasks.io import import_object, load_tensors
 from tasks.params import PipelineParams
 from tasks.pretrained import load_pretrained
+from tasks.result_tensors import layer_tensors
 from tasks.stage_data import open_data
 
 
@@ -127,11 +128,17 @@ def layer_models(params: PipelineParams, dataset: Artifact, float_model: Artifac
 
 
 def apply_result(model: nn.Module, result: LayerResult) -> None:
-    """Write a layer's result file into ``model``: its rounded weight and, when AdaRound
-    learned them, its input qparams."""
+    """Write a unit's result file into ``model``: each layer's rounded weight and, when
+    AdaRound learned them, its input qparams."""
     tensors = load_tensors(Path(result.path))
-    apply_rounded_weight(model, result.name, tensors["weight"])
-    apply_input_qparams(quant_layers(model)[result.name], result.name, tensors)
+    block = tuple(result.report.get("layers") or ())
+    for name in block or (result.name,):
+        own = layer_tensors(tensors, name, bool(block))
+        if "weight" not in own:
+            raise KeyError(f"result {result.path} holds no weight of layer {name!r}; delete "
+                           f"it and rerun")
+        apply_rounded_weight(model, name, own["weight"])
+        apply_input_qparams(quant_layers(model)[name], name, own)
 
 
 @torch.no_grad()

@@ -46,10 +46,10 @@ def unit_samples(unit: str, calls: Sequence[Call], holdout_fraction: float,
     """Samples of ``unit`` from its calls: inputs ``(args, kwargs)``, targets the outputs."""
     if not calls:
         raise ValueError(f"no samples were captured for unit {unit!r}")
-    grouped: dict[tuple, list[tuple[_Flat, _Flat]]] = {}
+    grouped: dict[tuple, list[tuple[FlatTree, FlatTree]]] = {}
     default_batch = None
     for args, kwargs, output in calls:
-        inputs, outputs = _Flat((tuple(args), dict(kwargs))), _Flat(output)
+        inputs, outputs = FlatTree((tuple(args), dict(kwargs))), FlatTree(output)
         batch = _check_rows(unit, inputs.leaves + outputs.leaves)
         key = (inputs.key(), outputs.key())
         grouped.setdefault(key, []).append((inputs, outputs))
@@ -73,7 +73,7 @@ def cached_layer_unit_samples(directory: Path, holdout_fraction: float,
     return LayerSamples(stores, holdout_fraction, generator, groups[0][0].shards[0].rows)
 
 
-class _Flat:
+class FlatTree:
     """One structure flattened: its leaves and the spec to rebuild it."""
 
     def __init__(self, tree: Any) -> None:
@@ -100,7 +100,7 @@ def _check_rows(unit: str, leaves: list) -> int:
     return batch
 
 
-def _stack(members: list[_Flat]) -> TreeStore:
+def _stack(members: list[FlatTree]) -> TreeStore:
     """The rows of all members (same key) as one store."""
     first = members[0]
     is_rows = [isinstance(v, torch.Tensor) for v in first.leaves]

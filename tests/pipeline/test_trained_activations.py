@@ -11,26 +11,15 @@ import pytest
 import torch
 
 from adaround_core.quant.quant_layers import quant_layers
-from tasks.activation_cache import cache_layer_activations
 from tasks.input_qparams import INPUT_SCALE
 from tasks.io import load_tensors
-from tasks.layer_adaround import adaround_layer, assemble_checkpoint
+from tasks.layer_adaround import assemble_checkpoint
 from tasks.layer_jobs import plan_job
 from tasks.layout import Layout, existing
 from tasks.model_state import calibrated_model
 from tasks.planning import plan_layers
 
 VARIANT = {"num_steps": 20, "progress": False, "drop_prob": 0.5, "activation_lr": 1e-3}
-
-
-def _round_all(params, inputs):
-    """Every layer through the task bodies, as the adaround stage chains them."""
-    plan = plan_layers.fn(params, *inputs)
-    results, job = [], None
-    for _ in plan.names:
-        job = plan_job(params, *inputs, plan, results, upstream=job)
-        results.append(adaround_layer.fn(job, cache_layer_activations.fn(job)))
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +30,16 @@ def rounded(tmp_path_factory, tiny_checkpoints, pipe):
     layout = Layout(params)
     inputs = (existing(layout.dataset, "data"), existing(layout.float_checkpoint, "train"),
               existing(layout.calibrated_checkpoint, "calibrate"))
-    results = _round_all(params, inputs)
+    results = pipe.round_units(params, inputs)
     assemble_checkpoint.fn(params, *inputs, results, str(layout.adaround_checkpoint))
     return params, layout, inputs, results
 
 
 def test_the_pipeline_trains_activations_as_the_library_does(rounded, pipe):
     params, layout, _, results = rounded
-    pipeline_state = load_tensors(layout.adaround_checkpoint)
-    library_state = pipe.library_state(params)
-    differ = [k for k in library_state if not torch.equal(pipeline_state[k], library_state[k])]
+    differ = pipe.differs_from_library(params, layout)
     assert not differ, f"pipeline and library differ in {differ}"
+    pipeline_state = load_tensors(layout.adaround_checkpoint)
     calibrated = load_tensors(layout.calibrated_checkpoint)
     learned = [k for k in calibrated if k.endswith("scale")
                and not torch.equal(calibrated[k], pipeline_state[k])
@@ -70,9 +58,9 @@ def test_rebuilt_models_use_the_learned_input_scales_of_the_result_files(rounded
         assert torch.equal(quantizer.scale, stored[name][INPUT_SCALE]) and bool(quantizer.frozen)
 
 
-def test_a_rerun_reuses_every_layer(rounded):
+def test_a_rerun_reuses_every_layer(rounded, pipe):
     params, _, inputs, results = rounded
-    again = _round_all(params, inputs)
+    again = pipe.round_units(params, inputs)
     assert all(r.reused for r in again)
     assert [r.digest for r in again] == [r.digest for r in results]
 
