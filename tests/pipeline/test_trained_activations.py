@@ -12,7 +12,7 @@ import torch
 
 from adaround_core.quant.quant_layers import quant_layers
 from tasks.input_qparams import INPUT_SCALE
-from tasks.io import load_tensors
+from tasks.io import load_tensors, tensor_digest
 from tasks.layer_adaround import assemble_checkpoint
 from tasks.layer_jobs import plan_job
 from tasks.layout import Layout, existing
@@ -79,3 +79,14 @@ def test_trained_activations_change_the_cache_key_and_defaults_do_not(rounded, p
     assert job.cache_key == job._digest()  # plain AdaRound: the key it always had
     assert key(drop_prob=0.5) == key(activation_lr=1e-3) != job.cache_key
     assert key(num_steps=3) == job.cache_key
+
+
+def test_plain_adaround_results_hold_only_the_weight(tmp_path, tiny_checkpoints, pipe):
+    """So their digests, and every later layer's keys, stay those of earlier versions."""
+    params = pipe.params(pipe.project(tmp_path, tiny_checkpoints))
+    layout = Layout(params)
+    inputs = (existing(layout.dataset, "data"), existing(layout.float_checkpoint, "train"),
+              existing(layout.calibrated_checkpoint, "calibrate"))
+    for result in pipe.round_units(params, inputs):
+        assert set(load_tensors(Path(result.path))) == {"weight"}, result.name
+        assert result.digest == tensor_digest(load_tensors(Path(result.path))["weight"])
