@@ -4,14 +4,16 @@
 :func:`~adaround_core.calibration.unit_capture.iter_unit_calls` into a directory: every
 tensor leaf a shard (:func:`~adaround_core.calibration.sample_store.write_shard`, listed in
 the manifest under ``in<call>`` / ``out<call>``), the structures with their constants in
-``calls.pt`` (tensor leaves there as empty rows of their shape and dtype). The manifest is
-written last, so a directory with one is complete. :func:`cached_unit_samples` reads it back
+``calls.pt`` (tensor leaves there as empty rows of their shape and dtype; a byte shard, so the
+manifest's checksum covers it too). The manifest is written last, so a directory with one is
+complete. :func:`cached_unit_samples` reads it back
 as the samples :func:`~adaround_core.calibration.unit_samples.unit_samples` makes of the same
 calls in memory (same groups, rows and draws), each leaf read from disk as it is drawn.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,10 @@ def write_unit_cache(directory: Path, calls: Iterable[Call]) -> int:
         groups[f"in{i:05d}"] = _write_leaves(directory, f"in{i:05d}", inputs)
         groups[f"out{i:05d}"] = _write_leaves(directory, f"out{i:05d}", output)
         skeletons.append((_skeleton(inputs), _skeleton(output)))
-    torch.save(skeletons, directory / CALLS_FILE)
+    buffer = io.BytesIO()
+    torch.save(skeletons, buffer)
+    raw = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    groups["calls"] = [write_shard(directory, CALLS_FILE, raw)]
     write_manifest(directory, groups)
     return len(skeletons)
 
@@ -77,7 +82,8 @@ def cached_unit_samples(directory: Path, holdout_fraction: float, generator: tor
     directory = Path(directory)
     manifest = read_manifest(directory, verify=False)
     try:
-        skeletons = torch.load(directory / CALLS_FILE, weights_only=True)
+        skeletons = torch.load(io.BytesIO((directory / CALLS_FILE).read_bytes()),
+                               weights_only=True)
     except Exception as err:  # any unreadable structure file means the cache is not usable
         raise CorruptCacheError(f"{directory / CALLS_FILE} is unreadable: {err}") from err
     if not skeletons:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaround_core.calibration.sample_store import CorruptCacheError
+from adaround_core.calibration.sample_store import CorruptCacheError, read_manifest
 from adaround_core.calibration.unit_samples import unit_samples
 from adaround_core.calibration.unit_store import CALLS_FILE, cached_unit_samples, write_unit_cache
 from adaround_core.torch_private import tree_leaves
@@ -44,8 +44,11 @@ def test_cached_calls_draw_exactly_as_the_in_memory_calls(tmp_path):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
-def test_an_unreadable_structure_file_is_a_corrupt_cache(tmp_path):
+def test_a_damaged_structure_file_fails_the_checksum_and_cannot_be_read(tmp_path):
     write_unit_cache(tmp_path, _calls())
+    read_manifest(tmp_path, verify=True)  # intact
     (tmp_path / CALLS_FILE).write_bytes(b"not a pickle")
+    with pytest.raises(CorruptCacheError, match=CALLS_FILE):
+        read_manifest(tmp_path, verify=True)
     with pytest.raises(CorruptCacheError, match=CALLS_FILE):
         cached_unit_samples(tmp_path, 0.25, torch.Generator().manual_seed(2))
