@@ -1,6 +1,8 @@
 """``python -m flows compare``: the last pipeline runs side by side, read from MLflow alone.
 
-Only what differs between the runs is shown: the config keys whose values differ, then
+Each run's AdaRound variant is shown compactly (``block qdrop=0.5 lsq=0.001 guard=off``: the
+granularity, then ``drop_prob``, ``activation_lr`` and ``guard`` where they are not the
+defaults), then only what differs between the runs: the config keys whose values differ,
 baseline and AdaRound top-1 and their delta. ``mlflow ui`` lists the same parent runs.
 """
 
@@ -18,6 +20,10 @@ from tasks.tracking import PARENT_ROLE, ROLE_TAG, check_uri, sqlite_path, tracki
 METRIC_COLUMNS = (("baseline %", "baseline_top1", "{:.2f}"), ("AdaRound %", "adaround_top1", "{:.2f}"),
                   ("delta", "delta_top1", "{:+.2f}"))
 MAX_VALUE = 32  # longer config values are cut in the table
+# the variant column: (param, label, value that is left out); runs logged before a key
+# existed lack it and count as its default
+VARIANT_KEYS = (("adaround.drop_prob", "qdrop", "0.0"), ("adaround.activation_lr", "lsq", "null"),
+                ("adaround.guard", "guard", "layer"))
 
 
 def pipeline_runs(client: MlflowClient, experiment_id: str, last: int) -> list[Run]:
@@ -32,6 +38,15 @@ def differing_keys(runs: list[Run]) -> list[str]:
     return [key for key in keys if len({run.data.params.get(key) for run in runs}) > 1]
 
 
+def variant(params: dict[str, str]) -> str:
+    """A run's AdaRound variant from its logged params, e.g. ``layer`` (plain AdaRound) or
+    ``block qdrop=0.5 lsq=0.001``."""
+    parts = [params.get("adaround.granularity", "layer")]
+    parts += [f"{label}={params[key]}" for key, label, default in VARIANT_KEYS
+              if params.get(key, default) != default]
+    return " ".join(parts)
+
+
 def _cut(text: str) -> str:
     return text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 3] + "..."
 
@@ -39,7 +54,7 @@ def _cut(text: str) -> str:
 def _row(run: Run, keys: list[str], versions: dict[str, str]) -> list[str]:
     started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
     metrics = run.data.metrics
-    return [run.info.run_name or "", run.info.run_id[:8], started,
+    return [run.info.run_name or "", run.info.run_id[:8], started, variant(run.data.params),
             *(_cut(run.data.params.get(key, "-")) for key in keys),
             *(fmt.format(metrics[name]) if name in metrics else "-"
               for _, name, fmt in METRIC_COLUMNS),
@@ -48,14 +63,15 @@ def _row(run: Run, keys: list[str], versions: dict[str, str]) -> list[str]:
 
 def format_comparison(runs: list[Run], keys: list[str],
                       versions: dict[str, str] | None = None) -> str:
-    """A fixed-width table: one line per run, the differing keys, then top-1 and delta,
-    and the registered version of each run when ``versions`` (parent run id -> label)."""
+    """A fixed-width table: one line per run, its variant, the differing keys, then top-1
+    and delta, and the registered version of each run when ``versions`` (parent run id ->
+    label)."""
     versions = versions or {}
-    header = ["run", "id", "started", *keys, *(title for title, _, _ in METRIC_COLUMNS),
+    header = ["run", "id", "started", "variant", *keys, *(title for title, _, _ in METRIC_COLUMNS),
               *(["version"] if versions else [])]
     rows = [header] + [_row(run, keys, versions) for run in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    text_columns = 3 + len(keys)
+    text_columns = 4 + len(keys)
     lines = ["  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
              for row in rows]

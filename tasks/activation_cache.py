@@ -1,4 +1,5 @@
-"""Activation caching: a layer's quantized-model inputs and float outputs, as shards on disk.
+"""Activation caching: a layer's quantized-model inputs and float outputs, as shards on disk
+(a block's: the arguments of its calls and its float outputs).
 
 With one-pass capture (:mod:`tasks.capture`) the task also leaves the forward passes paused
 at its layer's boundary under ``<cache_dir>/frontiers/`` for the next layer's task, which
@@ -13,12 +14,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from torch import nn
+
 from adaround_core.calibration.one_pass_capture import CAPTURE_STATE
 from adaround_core.calibration.sample_store import (
     CorruptCacheError,
     read_manifest,
     write_layer_cache,
 )
+from adaround_core.calibration.unit_capture import iter_unit_calls
+from adaround_core.calibration.unit_store import write_unit_cache
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact
 from tasks.capture import open_capture
@@ -90,27 +95,39 @@ def _saved_frontiers(directory: Path) -> bool:
     return (directory / CAPTURE_STATE).is_file()
 
 
+def _capture(job: LayerJob, tmp: Path, model: nn.Module, reference: nn.Module,
+             temporaries: list[Path]) -> tuple[int, str]:
+    """Write the job's cache into ``tmp`` (models in rounding mode; frontiers saved for the
+    next layer are published at once); the number of rows (a block's: of calls) and where
+    capture started."""
+    batches = training_inputs(job.params, job.dataset)
+    if job.block:
+        calls = iter_unit_calls(model, reference, job.name, job.calls, batches)
+        return write_unit_cache(tmp, calls), "per-unit passes"
+    capture = open_capture(job, model, reference, batches)
+    try:
+        rows = write_layer_cache(tmp, capture.pairs())
+        if capture.saves_frontiers:
+            frontiers = _temporary(job.frontier_dir())
+            temporaries.append(frontiers)
+            capture.save(frontiers)
+            _publish(frontiers, job.frontier_dir(), _saved_frontiers)
+    finally:
+        capture.close()
+    return rows, capture.source
+
+
 def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
-    """Capture the layer into its cache (and, with one-pass capture, save the paused
+    """Capture the unit into its cache (and, with one-pass capture, save the paused
     passes for the next layer first); the number of rows and where capture started."""
-    temporaries = []
+    temporaries: list[Path] = []
     try:
         tmp = _temporary(directory)
         temporaries.append(tmp)
         model, reference = layer_models(job.params, job.dataset, job.float_model,
                                         job.calibrated, job.previous)
         with rounding_mode(model, job.params.adaround.num_threads):
-            capture = open_capture(job, model, reference,
-                                   training_inputs(job.params, job.dataset))
-            try:
-                rows = write_layer_cache(tmp, capture.pairs())
-                if capture.saves_frontiers:
-                    frontiers = _temporary(job.frontier_dir())
-                    temporaries.append(frontiers)
-                    capture.save(frontiers)
-                    _publish(frontiers, job.frontier_dir(), _saved_frontiers)
-            finally:
-                capture.close()
+            written = _capture(job, tmp, model, reference, temporaries)
         _publish(tmp, directory)
     except OSError as err:
         for path in temporaries:
@@ -120,7 +137,7 @@ def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
         if problem is None:
             raise
         raise problem from None
-    return rows, capture.source
+    return written
 
 
 @pipeline_task(retries=2, retry_delay_seconds=1)

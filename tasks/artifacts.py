@@ -28,6 +28,9 @@ class LayerPlan:
     capture_method: str = "per_layer"
     capture_note: str = ""
     cache_bytes: dict[str, int] = field(default_factory=dict)  # each layer's activation cache
+    # granularity block: the layers of each block unit (a block is named in ``names`` in
+    # place of its layers, and reconstructed as one resumable unit)
+    blocks: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

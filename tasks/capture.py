@@ -71,10 +71,13 @@ class LayerCapture:
         return PER_LAYER if self.one_pass is None else ONE_PASS
 
     def pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch, the layer's input (before its activation fake-quant when that is
+        trained, :attr:`LayerJob.quantizes_input`) and float output."""
+        quantize = self.job.quantizes_input
         if self.one_pass is not None:
-            return self.one_pass.iter_layer_io(self.job.name)
+            return self.one_pass.iter_layer_io(self.job.name, quantize)
         return iter_layer_io(self.model, self.reference, self.job.name, self.job.calls,
-                             self.batches)
+                             self.batches, quantize)
 
     @property
     def saves_frontiers(self) -> bool:

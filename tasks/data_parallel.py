@@ -37,6 +37,10 @@ def join_pipeline_ranks(params: PipelineParams) -> RankGroup | None:
     if group is None:
         return None
     check_same_settings(group, params.flat(), "params")
+    if params.adaround.trains_activations or params.adaround.granularity == "block":
+        raise PreflightError("params.yaml: adaround.granularity / drop_prob / activation_lr: "
+                             "under torchrun only plain layer-wise AdaRound runs "
+                             "data-parallel; run the others in one process")
     if params.runtime.task_runner != "threads":
         raise PreflightError("params.yaml: runtime.task_runner: under torchrun the layers are "
                              "rounded by the ranks; set it to threads")

@@ -58,6 +58,7 @@ class LayerJob:
     calls: int
     previous: tuple[LayerResult, ...]
     chain: CaptureChain | None = None  # None: capture with a partial pass per batch
+    block: tuple[str, ...] = ()  # granularity block: the layers of the block ``name``
 
     def _digest(self, *extra: object) -> str:
         payload = [self.dataset.digest, self.calibrated.digest, code_version(),
@@ -67,6 +68,7 @@ class LayerJob:
                    compute_device(self.params).type,  # the GPU's sums differ
                    self._threads(),  # so may sums over other thread counts
                    torch.__version__,  # and those of another torch
+                   *([{"block": list(self.block)}] if self.block else []),
                    *extra]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -76,11 +78,21 @@ class LayerJob:
         return requested if requested is not None else f"auto/{AVAILABLE_CPU_THREADS}"
 
     @property
+    def quantizes_input(self) -> bool:
+        """Whether the cache holds the layer's fake-quantized inputs (plain AdaRound) or
+        those before its activation fake-quant (``drop_prob`` / ``activation_lr``: the
+        unit path quantizes them itself)."""
+        return not self.params.adaround.trains_activations
+
+    @property
     def cache_key(self) -> str:
         """Key of the layer's cached activations (with ``guard: output``, of the batches
-        that are not held out)."""
+        that are not held out; unchanged for plain AdaRound's quantized inputs)."""
         held_out = held_out_settings(self.params)
-        return self._digest(held_out) if held_out else self._digest()
+        extra = [held_out] if held_out else []
+        if not self.quantizes_input:
+            extra.append({"quantize_input": False})
+        return self._digest(*extra)
 
     @property
     def result_key(self) -> str:
@@ -117,12 +129,12 @@ class LayerJob:
 def plan_job(params: PipelineParams, dataset: Artifact, float_model: Artifact,
              calibrated: Artifact, plan: LayerPlan, results: Sequence[LayerResult],
              upstream: LayerJob | None = None) -> LayerJob:
-    """The job of the plan's layer after ``results`` (the earlier layers' results, in plan
-    order); ``upstream`` is the previous layer's job (None for the first layer). Where the
-    plan found the model segmentable the job continues the previous layer's pass."""
+    """The job of the plan's unit (a layer, or a block) after ``results`` (the earlier units'
+    results, in plan order); ``upstream`` is the previous unit's job (None for the first).
+    Where the plan found the model segmentable the job continues the previous layer's pass."""
     name = plan.names[len(results)]
     chain = None
     if plan.capture_method == ONE_PASS:
         chain = CaptureChain(tuple(plan.names), upstream.cache_key if upstream else "")
     return LayerJob(params, dataset, float_model, calibrated, name, plan.calls[name],
-                    tuple(results), chain)
+                    tuple(results), chain, plan.blocks.get(name, ()))

@@ -1,8 +1,10 @@
 """Finished layer results on disk: written with their key and the SHA-256 of the rounded
-weight, verified on every reuse; an invalid file is reported by name and recomputed."""
+weight (and learned input qparams), verified on every reuse; an invalid file is reported by
+name and recomputed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from tasks.layer_jobs import KEY_CHARS_IN_NAMES, LayerJob
 from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
-WEIGHT_DIGEST = "weight_sha256"  # metadata entry: tensor_digest of the rounded weight
+WEIGHT_DIGEST = "weight_sha256"  # metadata entry: result_digest of the result's tensors
 RESULT_METADATA = ("key", "report", WEIGHT_DIGEST)
 
 
@@ -23,13 +25,26 @@ class InvalidResultError(ValueError):
     """A layer result file that cannot be trusted; the message says why."""
 
 
-def _open_result(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
-    """The weight and metadata of a result file (any safetensors error is invalidity)."""
+def result_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """What keys later layers: the rounded weight's :func:`tensor_digest` (plain AdaRound),
+    with learned input qparams the SHA-256 of every tensor's digest by name."""
+    if set(tensors) == {"weight"}:  # plain AdaRound of one layer: the key it always had
+        return tensor_digest(tensors["weight"])
+    digests = {name: tensor_digest(t) for name, t in tensors.items()}
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+def _open_result(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a result file (any safetensors error is invalidity)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor("weight"), f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            metadata = f.metadata() or {}
     except Exception as err:  # safetensors raises its own types for bad headers and data
         raise InvalidResultError(f"unreadable: {err}") from err
+    if not tensors:
+        raise InvalidResultError("it holds no tensor")
+    return tensors, metadata
 
 
 def _checked_report(metadata: dict[str, str], key: str) -> dict:
@@ -51,10 +66,10 @@ def _checked_report(metadata: dict[str, str], key: str) -> dict:
 
 def read_result(path: Path, name: str, key: str) -> LayerResult:
     """The verified result in ``path``: :class:`InvalidResultError` unless it opens, carries
-    ``key``, a JSON report and the SHA-256 of its weight."""
-    weight, metadata = _open_result(path)
+    ``key``, a JSON report and the SHA-256 of its tensors."""
+    tensors, metadata = _open_result(path)
     report = _checked_report(metadata, key)
-    digest = tensor_digest(weight)
+    digest = result_digest(tensors)
     if digest != metadata[WEIGHT_DIGEST]:
         raise InvalidResultError("the weight's SHA-256 differs from the stored one")
     return LayerResult(name, str(path), digest, report, reused=True)
@@ -91,10 +106,11 @@ def _discard(path: Path, name: str, err: InvalidResultError) -> None:
     path.unlink(missing_ok=True)
 
 
-def write_result(job: LayerJob, weight: torch.Tensor, report: dict) -> LayerResult:
-    """Save a layer's rounded weight atomically with its key, report and weight digest."""
-    digest = tensor_digest(weight)
-    save_tensors(job.result_path(), {"weight": weight},
+def write_result(job: LayerJob, tensors: dict[str, torch.Tensor], report: dict) -> LayerResult:
+    """Save a layer's result tensors (``weight``, learned input qparams) atomically with its
+    key, report and digest."""
+    digest = result_digest(tensors)
+    save_tensors(job.result_path(), tensors,
                  metadata={"report": json.dumps(report), "key": job.result_key,
                            WEIGHT_DIGEST: digest})
     return LayerResult(job.name, str(job.result_path()), digest, report)

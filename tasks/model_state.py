@@ -18,9 +18,11 @@ from adaround_core.quant.prepare import prepare_qat_fx
 from adaround_core.quant.quant_layers import quant_layers
 from tasks.artifacts import Artifact, LayerResult
 from tasks.datasets import first_line
+from tasks.input_qparams import apply_input_qparams
 from tasks.io import import_object, load_tensors
 from tasks.params import PipelineParams
 from tasks.pretrained import load_pretrained
+from tasks.result_tensors import layer_tensors
 from tasks.stage_data import open_data
 
 
@@ -109,7 +111,7 @@ def calibrated_model(params: PipelineParams, dataset: Artifact, float_model: Art
     layer results written in, in VALIDATION state and eval mode, on the compute device."""
     model = _prepared_model(params, dataset, float_model, checkpoint)
     for result in rounded:
-        apply_rounded_weight(model, result.name, load_tensors(Path(result.path))["weight"])
+        apply_result(model, result)
     return model
 
 
@@ -121,8 +123,22 @@ def layer_models(params: PipelineParams, dataset: Artifact, float_model: Artifac
     model = calibrated_model(params, dataset, float_model, calibrated)
     reference = float_reference(model)
     for result in previous:
-        apply_rounded_weight(model, result.name, load_tensors(Path(result.path))["weight"])
+        apply_result(model, result)
     return model, reference
+
+
+def apply_result(model: nn.Module, result: LayerResult) -> None:
+    """Write a unit's result file into ``model``: each layer's rounded weight and, when
+    AdaRound learned them, its input qparams."""
+    tensors = load_tensors(Path(result.path))
+    block = tuple(result.report.get("layers") or ())
+    for name in block or (result.name,):
+        own = layer_tensors(tensors, name, bool(block))
+        if "weight" not in own:
+            raise KeyError(f"result {result.path} holds no weight of layer {name!r}; delete "
+                           f"it and rerun")
+        apply_rounded_weight(model, name, own["weight"])
+        apply_input_qparams(quant_layers(model)[name], name, own)
 
 
 @torch.no_grad()

@@ -113,10 +113,6 @@ class RuntimeParams(_Section):
         return value
 
 
-# adaround keys the pipeline refuses unless at their defaults (see _reject_engine_only)
-ENGINE_ONLY = {"granularity": "layer", "blocks": None, "drop_prob": 0.0, "activation_lr": None}
-
-
 class PipelineParams(_Section):
     """Every knob of the pipeline, by ``params.yaml`` section."""
 
@@ -163,19 +159,7 @@ def parse_params(raw: dict[str, Any] | None) -> PipelineParams:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         raise ValueError(f"params.yaml: {key}: {first['msg']} (got {first.get('input')!r})") from None
-    _reject_engine_only(params.adaround)
     return params
-
-
-def _reject_engine_only(adaround: AdaRoundConfig) -> None:
-    """Block units, QDrop and learned activation scales are the engine's
-    (``weight_reconstruction``); the pipeline's per-layer tasks do not run them yet."""
-    for key, default in ENGINE_ONLY.items():
-        if getattr(adaround, key) != default:
-            raise ValueError(f"params.yaml: adaround.{key}: {getattr(adaround, key)!r} is not "
-                             f"run by the pipeline yet (its per-layer tasks do plain layer-wise "
-                             f"AdaRound); leave it at {default!r}, or call adaround_core's "
-                             f"weight_reconstruction with it")
 
 
 def _reject_unknown_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str) -> None:

@@ -45,8 +45,8 @@ ROLE_TAG = "pipeline.role"  # "pipeline" on the parent run; the child runs carry
 PARENT_ROLE = "pipeline"
 CHECKPOINTS = {"float": "float_checkpoint", "baseline": "calibrated_checkpoint",
                "adaround": "adaround_checkpoint"}  # child role -> Layout attribute
-LAYER_COLUMNS = ("index", "layer", "nearest_mse", "adaround_mse", "nearest_output_mse",
-                 "adaround_output_mse", "decision", "seconds")
+LAYER_COLUMNS = ("index", "layer", "layers", "nearest_mse", "adaround_mse",
+                 "nearest_output_mse", "adaround_output_mse", "decision", "seconds")
 LAYER_METRICS = ("nearest_mse", "adaround_mse", "nearest_output_mse", "adaround_output_mse")
 # no retries (nothing listening fails at once), but time for a busy server to answer
 _FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -243,8 +243,17 @@ def _log_artifact(client: MlflowClient, run_id: str, path: Path, artifact_path: 
         logger.warning("%s does not exist: not logged to MLflow", path)
 
 
+def _cell(row: dict, column: str) -> object:
+    """A report row's value in the layer table (a block's ``layers`` as one string: the
+    rounded layers, comma-separated; empty for a single layer)."""
+    if column == "layers":
+        return ",".join(row.get("layers") or ())
+    return row.get(column)
+
+
 def _log_layers(client: MlflowClient, run_id: str, layout: Layout) -> None:
-    """Per-layer errors as stepped metrics (step = layer index), a table and a plot."""
+    """Per-unit errors as stepped metrics (step = unit index), a table (a block's row
+    names its layers) and a plot."""
     if not layout.layer_report.is_file():
         logger.warning("%s does not exist: no per-layer results logged", layout.layer_report)
         return
@@ -253,7 +262,7 @@ def _log_layers(client: MlflowClient, run_id: str, layout: Layout) -> None:
     _log(client, run_id, [Metric(key, float(row[key]), now, int(row["index"]))
                           for row in rows for key in LAYER_METRICS
                           if row.get(key) is not None])  # output errors: guard=output only
-    client.log_table(run_id, {c: [row.get(c) for row in rows] for c in LAYER_COLUMNS},
+    client.log_table(run_id, {c: [_cell(row, c) for row in rows] for c in LAYER_COLUMNS},
                      "layer_errors.json")
     client.log_figure(run_id, layer_error_figure(rows), "layer_errors.png")
     _log_artifact(client, run_id, layout.layer_report, "results")

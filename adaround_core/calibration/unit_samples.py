@@ -14,12 +14,13 @@ these groups exactly as it does for a single layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from adaround_core.calibration.layer_samples import LayerSamples
-from adaround_core.calibration.sample_store import RowStore, TensorStore
+from adaround_core.calibration.sample_store import RowStore, TensorStore, cached_groups
 from adaround_core.torch_private import tree_flatten, tree_unflatten
 
 Call = tuple[tuple, dict, Any]  # (args, kwargs, float output) of one call of the unit
@@ -45,10 +46,10 @@ def unit_samples(unit: str, calls: Sequence[Call], holdout_fraction: float,
     """Samples of ``unit`` from its calls: inputs ``(args, kwargs)``, targets the outputs."""
     if not calls:
         raise ValueError(f"no samples were captured for unit {unit!r}")
-    grouped: dict[tuple, list[tuple[_Flat, _Flat]]] = {}
+    grouped: dict[tuple, list[tuple[FlatTree, FlatTree]]] = {}
     default_batch = None
     for args, kwargs, output in calls:
-        inputs, outputs = _Flat((tuple(args), dict(kwargs))), _Flat(output)
+        inputs, outputs = FlatTree((tuple(args), dict(kwargs))), FlatTree(output)
         batch = _check_rows(unit, inputs.leaves + outputs.leaves)
         key = (inputs.key(), outputs.key())
         grouped.setdefault(key, []).append((inputs, outputs))
@@ -58,7 +59,21 @@ def unit_samples(unit: str, calls: Sequence[Call], holdout_fraction: float,
     return LayerSamples(groups, holdout_fraction, generator, default_batch)
 
 
-class _Flat:
+def cached_layer_unit_samples(directory: Path, holdout_fraction: float,
+                              generator: torch.Generator,
+                              device: torch.device | str = "cpu") -> LayerSamples:
+    """A layer's disk cache (:func:`~adaround_core.calibration.sample_store.write_layer_cache`)
+    as the samples :func:`unit_samples` makes of its calls ``((x,), {}, y)``: the same groups,
+    rows and draws, read from disk as they are drawn."""
+    groups = cached_groups(Path(directory), device)
+    _, call_spec = tree_flatten(((torch.empty(0),), {}))
+    _, output_spec = tree_flatten(torch.empty(0))
+    stores = [(TreeStore([x], [True], call_spec), TreeStore([y], [True], output_spec))
+              for x, y in groups]
+    return LayerSamples(stores, holdout_fraction, generator, groups[0][0].shards[0].rows)
+
+
+class FlatTree:
     """One structure flattened: its leaves and the spec to rebuild it."""
 
     def __init__(self, tree: Any) -> None:
@@ -85,7 +100,7 @@ def _check_rows(unit: str, leaves: list) -> int:
     return batch
 
 
-def _stack(members: list[_Flat]) -> TreeStore:
+def _stack(members: list[FlatTree]) -> TreeStore:
     """The rows of all members (same key) as one store."""
     first = members[0]
     is_rows = [isinstance(v, torch.Tensor) for v in first.leaves]

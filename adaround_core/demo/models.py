@@ -1,4 +1,5 @@
-"""The demo's float model: a small Conv-BN-ReLU network with a residual add."""
+"""The demo's float models: a small Conv-BN-ReLU network with a residual add, and a tiny
+ResNet whose residual blocks are what ``granularity: block`` reconstructs."""
 
 from __future__ import annotations
 
@@ -26,3 +27,33 @@ class DigitsCNN(nn.Module):
         x = torch.relu(self.bn3(self.conv3(x)))
         x = torch.relu(self.fc1(torch.flatten(x, 1)))
         return self.head(x)
+
+
+class ResBlock(nn.Module):
+    """BasicBlock-like: two 3x3 convs, the input added back (a 1x1 projection when the
+    width changes)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(torch.relu(self.conv1(x)))
+        out += self.shortcut(x)
+        return torch.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """Stem conv, a stage of two residual blocks, pooling and a Linear head."""
+
+    def __init__(self, width: int = 8, in_channels: int = 3, num_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.stage = nn.Sequential(ResBlock(width, width), ResBlock(width, 2 * width))
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage(torch.relu(self.stem(x)))
+        return self.head(x.mean(dim=(2, 3)))

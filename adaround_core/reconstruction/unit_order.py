@@ -54,12 +54,20 @@ def round_layer_unit(name: str, layers: dict[str, QuantLayerMixin], inputs: list
         calls = [((x,), {}, y) for x, y in zip(inputs, targets, strict=True)]
         samples = unit_samples(name, calls, cfg.holdout_fraction, generator)
         del inputs, targets, calls
-        return reconstruct_unit(Unit(name, (name,)), layers[name], layers, samples, cfg,
-                                generator, on_step)
+        return reconstruct_layer_unit(name, layers, samples, cfg, generator, on_step)
     samples = LayerSamples.from_tensors(inputs, targets, cfg.holdout_fraction, generator)
     del inputs, targets
     return reconstruct_layer(name, layers[name], samples, cfg, generator, on_step,
                              output_guard=output_guard, ranks=ranks)
+
+
+def reconstruct_layer_unit(name: str, layers: dict[str, QuantLayerMixin], samples: LayerSamples,
+                           cfg: AdaRoundConfig, generator: torch.Generator,
+                           on_step: Callable[[int], None] | None = None) -> LayerReport:
+    """One layer through the autograd unit path (its activation quantizer trained), from
+    samples of its calls ``((x,), {})`` with ``x`` its input before ``input_fake_quant``."""
+    return reconstruct_unit(Unit(name, (name,)), layers[name], layers, samples, cfg,
+                            generator, on_step)
 
 
 def block_calls(model: nn.Module, units: list[Unit], batch: Any) -> dict[str, int]:

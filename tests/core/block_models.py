@@ -5,37 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adaround_core.demo.models import ResBlock, TinyResNet  # noqa: F401 - the tests import them here
 from examples.minilm.bert import BertShape, SentenceEncoder
-
-
-class ResBlock(nn.Module):
-    """BasicBlock-like: two 3x3 convs, the input added back (a 1x1 projection when the
-    width changes)."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2(torch.relu(self.conv1(x)))
-        out += self.shortcut(x)
-        return torch.relu(out)
-
-
-class TinyResNet(nn.Module):
-    """Stem conv, a stage of two residual blocks, pooling and a Linear head."""
-
-    def __init__(self, width: int = 8) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.stage = nn.Sequential(ResBlock(width, width), ResBlock(width, 2 * width))
-        self.head = nn.Linear(2 * width, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage(torch.relu(self.stem(x)))
-        return self.head(x.mean(dim=(2, 3)))
 
 
 class InvertedResidual(nn.Module):

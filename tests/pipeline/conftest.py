@@ -193,6 +193,34 @@ class PipelineHelpers:
                       if not p.name.startswith("."))
 
     @staticmethod
+    def round_units(params, inputs) -> list:
+        """Every unit through the task bodies (no Prefect run), chained as the adaround stage
+        chains them; ``inputs``: the dataset, float and calibrated artifacts."""
+        from tasks.activation_cache import cache_layer_activations
+        from tasks.layer_adaround import adaround_layer
+        from tasks.layer_jobs import plan_job
+        from tasks.planning import plan_layers
+
+        plan = plan_layers.fn(params, *inputs)
+        results, job = [], None
+        for _ in plan.names:
+            job = plan_job(params, *inputs, plan, results, upstream=job)
+            results.append(adaround_layer.fn(job, cache_layer_activations.fn(job)))
+        return results
+
+    @staticmethod
+    def differs_from_library(params, layout) -> list[str]:
+        """State-dict entries in which the pipeline's AdaRound checkpoint differs from
+        :meth:`library_state`."""
+        import torch
+
+        from tasks.io import load_tensors
+
+        pipeline_state = load_tensors(layout.adaround_checkpoint)
+        library_state = PipelineHelpers.library_state(params)
+        return [k for k in library_state if not torch.equal(pipeline_state[k], library_state[k])]
+
+    @staticmethod
     def library_state(params) -> dict:
         """The in-memory library call on the project's calibrated checkpoint: the state_dict
         ``weight_reconstruction`` leaves, to compare with the pipeline's checkpoint."""

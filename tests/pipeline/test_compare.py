@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import project_env, run_cmd, write_params
@@ -33,7 +35,9 @@ def _lines(table: str) -> list[list[str]]:
 
 def test_compare_shows_the_differing_key_and_both_deltas_newest_first(two_runs):
     header, newest, oldest = _lines(compare_runs(two_runs[0], last=5))
-    assert header[3:] == ["adaround.num_steps", "baseline", "%", "AdaRound", "%", "delta"]
+    assert header[3:] == ["variant", "adaround.num_steps", "baseline", "%", "AdaRound", "%",
+                          "delta"]
+    assert newest[4] == oldest[4] == "layer"  # plain AdaRound in both (after date, time)
     assert newest[-4:] == ["40", "81.00", "79.75", "-1.25"]
     assert oldest[-4:] == ["20", "80.00", "85.00", "+5.00"]
     assert "quant.weight_bits" not in " ".join(header)  # equal in both runs: not shown
@@ -70,3 +74,34 @@ def test_compare_of_an_experiment_without_runs_says_what_to_do(two_runs):
         update={"experiment": "never-run"})})
     with pytest.raises(LookupError, match="no pipeline runs in MLflow experiment 'never-run'"):
         compare_runs(other)
+
+
+def test_compare_and_mlflow_tell_the_adaround_variants_apart(tmp_path, fake_results):
+    from mlflow import MlflowClient
+
+    from tasks.io import read_json, write_json
+    from tasks.tracking import tracking_uri
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        log_pipeline_run(*fake_results(tmp_path, adaround={"guard": "off"}))
+        params, layout, metrics = fake_results(tmp_path, adaround={
+            "granularity": "block", "drop_prob": 0.5, "activation_lr": 0.001})
+        rows = read_json(layout.layer_report)
+        rows[0]["layers"] = ["conv1", "fc1"]  # a block unit's row
+        write_json(layout.layer_report, rows)
+        recorded = log_pipeline_run(params, layout, metrics)
+    table = compare_runs(params, last=2).splitlines()
+    assert " block qdrop=0.5 lsq=0.001 " in table[2]  # newest first
+    assert " layer guard=off " in table[3]
+    client = MlflowClient(tracking_uri(params))
+    logged = client.get_run(recorded.run_id).data.params
+    assert (logged["adaround.granularity"], logged["adaround.drop_prob"],
+            logged["adaround.activation_lr"]) == ("block", "0.5", "0.001")
+    child = client.search_runs([client.get_run(recorded.run_id).info.experiment_id],
+                               f"tags.mlflow.parentRunId = '{recorded.run_id}' and "
+                               f"tags.`pipeline.role` = 'adaround'")[0].info.run_id
+    unit_table = json.loads(Path(client.download_artifacts(child, "layer_errors.json",
+                                                           str(tmp_path))).read_text())
+    layers = unit_table["columns"].index("layers")
+    assert [row[layers] for row in unit_table["data"]] == ["conv1,fc1", "", ""]

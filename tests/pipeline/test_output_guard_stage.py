@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasks.activation_cache import cache_layer_activations
 from tasks.guard_batches import training_inputs
-from tasks.io import load_tensors, read_json
+from tasks.io import read_json
 from tasks.layer_adaround import adaround_layer, assemble_checkpoint
 from tasks.layer_jobs import LayerJob
 from tasks.layout import Layout, existing
@@ -57,9 +56,7 @@ def test_the_report_records_each_decision_and_the_output_errors(rounded, pipe):
 
 def test_the_pipeline_rounds_as_the_library_does(rounded, pipe):
     params, layout, _ = rounded
-    pipeline_state = load_tensors(layout.adaround_checkpoint)
-    library_state = pipe.library_state(params)
-    differ = [k for k in library_state if not torch.equal(pipeline_state[k], library_state[k])]
+    differ = pipe.differs_from_library(params, layout)
     assert not differ, f"pipeline and library differ in {differ}"
 
 

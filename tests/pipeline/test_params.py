@@ -107,10 +107,3 @@ def test_the_cli_reports_bad_params_in_one_line_before_any_work(tmp_path, args, 
     assert not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize(("key", "value"), [("granularity", "block"), ("drop_prob", 0.5),
-                                            ("activation_lr", 1e-3), ("blocks", ["layer1"])])
-def test_engine_only_adaround_options_are_refused_by_the_pipeline(key, value):
-    adaround = {key: value, **({"granularity": "block"} if key == "blocks" else {})}
-    with pytest.raises(ValueError, match=r"^params.yaml: adaround\.(granularity|" + key + r"): "
-                                         r".* is not run by the pipeline yet"):
-        parse_params({"adaround": adaround})

@@ -1,0 +1,88 @@
+"""``granularity: block`` in the pipeline: each residual block is one task and one result
+file (every layer's weight), cached as its calls; the checkpoint equals the library's, and a
+run resumes at the first unfinished unit."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.calibration import calibrate
+from tasks.data import prepare_data
+from tasks.io import load_tensors
+from tasks.layer_adaround import assemble_checkpoint
+from tasks.layout import Layout, existing
+from tasks.planning import plan_layers
+from tasks.training import train_float_model
+
+BLOCKS = ["stage.0", "stage.1"]
+VARIANTS = {"block": {"granularity": "block"},
+            "block+qdrop+lsq": {"granularity": "block", "drop_prob": 0.5,
+                                "activation_lr": 1e-3}}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def rounded(request, tmp_path_factory, pipe):
+    overrides = {"model": {"factory": "adaround_core.demo.models:TinyResNet",
+                           "kwargs": {"width": 4, "in_channels": 1, "num_classes": 10}},
+                 "adaround": {"num_steps": 10, "progress": False, **VARIANTS[request.param]}}
+    project = pipe.project(tmp_path_factory.mktemp("blocks"), None, overrides)
+    params = pipe.params(project)
+    layout = Layout(params)
+    dataset = prepare_data.fn(params, str(layout.dataset))
+    float_model = train_float_model.fn(params, dataset, str(layout.float_checkpoint))
+    calibrated = calibrate.fn(params, dataset, float_model, str(layout.calibrated_checkpoint))
+    inputs = (existing(layout.dataset, "data"), existing(layout.float_checkpoint, "train"),
+              existing(layout.calibrated_checkpoint, "calibrate"))
+    assert calibrated.digest == inputs[2].digest
+    results = pipe.round_units(params, inputs)
+    assemble_checkpoint.fn(params, *inputs, results, str(layout.adaround_checkpoint))
+    return params, layout, inputs, results
+
+
+def test_each_block_is_one_unit_with_every_layer_in_one_result(rounded):
+    params, _, inputs, results = rounded
+    plan = plan_layers.fn(params, *inputs)
+    assert plan.names == ["stem", *BLOCKS, "head"]
+    for result in results:
+        tensors = load_tensors(Path(result.path))
+        if result.name in BLOCKS:
+            assert tuple(result.report["layers"]) == plan.blocks[result.name]
+            assert {f"{layer}:weight" for layer in plan.blocks[result.name]} <= set(tensors)
+        else:
+            assert "weight" in tensors and not result.report["layers"]
+
+
+def test_the_pipeline_reconstructs_blocks_as_the_library_does(rounded, pipe):
+    params, layout, _, _ = rounded
+    differ = pipe.differs_from_library(params, layout)
+    assert not differ, f"pipeline and library differ in {differ}"
+
+
+def test_a_run_resumes_at_the_first_unfinished_unit(rounded, pipe):
+    params, _, inputs, results = rounded
+    Path(results[2].path).unlink()  # killed after the first block
+    Path(results[3].path).unlink()
+    again = pipe.round_units(params, inputs)
+    assert [r.reused for r in again] == [True, True, False, False]
+    assert [r.digest for r in again] == [r.digest for r in results]
+
+
+@pytest.mark.parametrize("rounded", ["block+qdrop+lsq"], indirect=True)  # one is enough
+def test_the_adaround_stage_rounds_blocks_and_a_rerun_reuses_every_unit(rounded, tmp_path,
+                                                                         prefect_server, pipe):
+    params, layout, _, results = rounded
+    project = Path(params.runtime.results_dir).parent
+    copy = tmp_path / "stage"
+    copy.mkdir()
+    for sub in ("params.yaml", "data", "checkpoints"):
+        (shutil.copytree if (project / sub).is_dir() else shutil.copy)(project / sub, copy / sub)
+    (copy / "checkpoints" / "adaround.safetensors").unlink()
+    first = pipe.run_flows(copy, "adaround", api_url=prefect_server).stdout
+    assert pipe.layer_counts(first) == (len(results), 0)
+    assert (copy / "checkpoints" / "adaround.safetensors").read_bytes() == \
+        layout.adaround_checkpoint.read_bytes()
+    again = pipe.run_flows(copy, "adaround", api_url=prefect_server).stdout
+    assert pipe.layer_counts(again) == (0, len(results))
