@@ -118,11 +118,12 @@ def test_the_new_run_is_in_mlflow_and_compare_shows_both(experiment, dvc_project
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert cli(["compare", "--last", "2"]) == 0
     header, *rows = capsys.readouterr().out.splitlines()[1:]
-    assert header.split()[3] == "adaround.num_steps" and "quant.weight_bits" not in header
+    assert header.split()[3:5] == ["variant", "adaround.num_steps"]
+    assert "quant.weight_bits" not in header
     deltas = [_metrics(project)["delta_top1"], _metrics(dvc_project[0])["delta_top1"]]
     for row, steps, delta in zip(rows, (NEW_STEPS, TINY_STEPS), deltas, strict=True):
-        cells = row.split()  # run, id, date, time, num_steps, baseline, AdaRound, delta
-        assert cells[4] == str(steps) and cells[-1] == f"{delta:+.2f}"
+        cells = row.split()  # run, id, date, time, variant, num_steps, baseline, AdaRound, delta
+        assert cells[4:6] == ["layer", str(steps)] and cells[-1] == f"{delta:+.2f}"
 
 
 def test_plots_show_renders_the_per_layer_errors(dvc_project, tmp_path):
