@@ -10,7 +10,8 @@ from examples.chain import ChainResult
 
 def add_quantization_options(parser: argparse.ArgumentParser, steps: int) -> None:
     """``--weight-bits --activation-bits (0 = float activations) --weight-observer --steps
-    --batch-size --adaround-batch-size --seed``."""
+    --batch-size --adaround-batch-size --seed``, and the reconstruction variants
+    ``--granularity --drop-prob --activation-lr --guard``."""
     parser.add_argument("--weight-bits", type=int, default=4)
     parser.add_argument("--activation-bits", type=int, default=8,
                         help="0: activations stay float (weight-only quantization)")
@@ -22,6 +23,13 @@ def add_quantization_options(parser: argparse.ArgumentParser, steps: int) -> Non
     parser.add_argument("--adaround-batch-size", type=int, default=8,
                         help="samples per AdaRound step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--granularity", default="layer", choices=["layer", "block"],
+                        help="block: reconstruct whole blocks (BRECQ)")
+    parser.add_argument("--drop-prob", type=float, default=0.0,
+                        help="QDrop: probability of passing an activation unquantized")
+    parser.add_argument("--activation-lr", type=float, default=None,
+                        help="learn the activation scales (LSQ) at this learning rate")
+    parser.add_argument("--guard", default="layer", choices=["layer", "output", "off"])
 
 
 def qconfig_from(args: argparse.Namespace) -> q.QConfig:
@@ -32,7 +40,9 @@ def qconfig_from(args: argparse.Namespace) -> q.QConfig:
 
 def adaround_config_from(args: argparse.Namespace) -> dict:
     """``weight_reconstruction``'s ``custom_config_dict`` from the options."""
-    return {"num_steps": args.steps, "batch_size": args.adaround_batch_size, "seed": args.seed}
+    return {"num_steps": args.steps, "batch_size": args.adaround_batch_size, "seed": args.seed,
+            "granularity": args.granularity, "drop_prob": args.drop_prob,
+            "activation_lr": args.activation_lr, "guard": args.guard}
 
 
 def print_result(title: str, result: ChainResult) -> None:

@@ -6,6 +6,7 @@ Flows only compose tasks: the math is in ``adaround_core``, the work in ``tasks`
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 from prefect import flow, get_run_logger
@@ -74,7 +75,10 @@ def calibrate_flow(params: PipelineParams) -> Artifact:
 
 
 def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact,
-                  calibrated: Artifact) -> tuple[LayerPlan, list[LayerResult]]:
+                  calibrated: Artifact, capture_seconds: dict[str, float],
+                  ) -> tuple[LayerPlan, list[LayerResult]]:
+    """Round the plan's units in order (finished ones reused); ``capture_seconds`` gets each
+    rounded unit's capture time (its activation cache task)."""
     plan = plan_layers(params, dataset, float_model, calibrated)
     check_cache_space(params, plan.cache_bytes)  # before any layer is touched
     remove_partial_results(params)
@@ -86,7 +90,9 @@ def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifa
         job = plan_job(params, dataset, float_model, calibrated, plan, results, upstream=job)
         result = finished_result(job)  # resuming: no task, no activation cache needed
         if result is None:
+            start = time.perf_counter()
             cache = cache_layer_activations(job)
+            capture_seconds[job.name] = time.perf_counter() - start
             if not params.runtime.keep_cache:
                 remove_used_frontiers(job)  # its cache continued them: no one else will
             result = adaround_layer(job, cache)
@@ -106,12 +112,15 @@ def adaround_flow(params: PipelineParams) -> Artifact:
         dataset = existing(layout.dataset, "data")
         float_model = existing(layout.float_checkpoint, "train")
         calibrated = existing(layout.calibrated_checkpoint, "calibrate")
-        plan, results = _round_layers(params, dataset, float_model, calibrated)
+        capture_seconds: dict[str, float] = {}
+        plan, results = _round_layers(params, dataset, float_model, calibrated, capture_seconds)
         reused = sum(r.reused for r in results)
-        get_run_logger().info("%d layers rounded, %d reused from earlier runs",
-                              len(results) - reused, reused)
+        get_run_logger().info("%d layers rounded, %d reused from earlier runs; capture %.1f s, "
+                              "rounding %.1f s", len(results) - reused, reused,
+                              sum(capture_seconds.values()),
+                              sum(r.report["seconds"] for r in results if not r.reused))
         capture = {"capture_method": plan.capture_method, "capture_note": plan.capture_note}
-        write_layer_outputs(layout, results, capture, plan.cache_bytes)
+        write_layer_outputs(layout, results, capture, plan.cache_bytes, capture_seconds)
         create_table_artifact([{"layer": r.name, **r.report, "reused": r.reused, **capture}
                                for r in results], key="adaround-layer-report")
         return assemble_checkpoint(params, dataset, float_model, calibrated, results,

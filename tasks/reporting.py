@@ -13,12 +13,17 @@ from tasks.metrics import metrics_file
 
 def write_layer_outputs(layout: Layout, results: list[LayerResult],
                         capture: dict[str, str] | None = None,
-                        cache_bytes: dict[str, int] | None = None) -> None:
+                        cache_bytes: dict[str, int] | None = None,
+                        capture_seconds: dict[str, float] | None = None) -> None:
     """``adaround_report.json`` (per layer, in order; with ``capture``, how the run captured
     the layers' inputs: ``capture_method``, ``capture_note``; with ``cache_bytes``, the size
-    of each layer's activation cache) and ``layer_errors.csv``."""
+    of each layer's activation cache; with ``capture_seconds``, the time this run spent
+    capturing it, 0 for a reused result; ``seconds`` is the rounding's time) and
+    ``layer_errors.csv``."""
     rows = [{"index": i, "layer": r.name, "result": r.path, **r.report, **(capture or {}),
-             **({"cache_bytes": cache_bytes.get(r.name, 0)} if cache_bytes else {})}
+             **({"cache_bytes": cache_bytes.get(r.name, 0)} if cache_bytes else {}),
+             **({"capture_seconds": round(capture_seconds.get(r.name, 0.0), 3)}
+                if capture_seconds is not None else {})}
             for i, r in enumerate(results)]
     write_json(layout.layer_report, rows)
     buffer = io.StringIO()

@@ -52,6 +52,7 @@ def test_pipeline_completes_and_writes_every_output(run, pipe):
     report = read_json(layout.layer_report)
     assert [row["layer"] for row in report] == pipe.layers
     assert all(row["decision"] in ("adaround", "nearest(layer)") for row in report)
+    assert all(row["capture_seconds"] > 0 and row["seconds"] > 0 for row in report)
     assert layout.layer_plot.read_text().splitlines()[0] == \
         "index,layer,nearest_mse,adaround_mse,decision"
     assert len(pipe.result_files(Path(params.runtime.results_dir).parent)) == len(pipe.layers)
@@ -122,3 +123,4 @@ def test_second_run_reuses_every_layer(run, pipe):
     rows = _artifact("adaround-layer-report").data
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert all(r["reused"] for r in rows)
+    assert all(row["capture_seconds"] == 0 for row in read_json(layout.layer_report))

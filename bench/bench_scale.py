@@ -1,0 +1,183 @@
+"""The adaround stage at real scale: wall time split, peak memory, peak cache disk, FLOP floor.
+
+One example model (torchvision ResNet-18 / MobileNetV2 at 224 px with random weights, or the
+pretrained all-MiniLM-L6-v2) with N calibration samples goes through the real pipeline in its
+own directory: ``python -m flows data``, ``train`` (no trainer: the factory's weights),
+``calibrate``, then the measured ``python -m flows adaround`` with AdaRound on all N samples
+(``adaround.num_batches`` = N / batch size). Per run it reports:
+
+* wall time of the adaround stage's process, split into capture (the layers' activation cache
+  tasks: running the models and writing the cache), rounding (the AdaRound optimisation of
+  every layer) and orchestration (the rest: imports, Prefect, planning, the checkpoint);
+* peak RSS of that process (``wait4``), peak disk under ``runtime.cache_dir`` (polled
+  every 0.2 s) against the largest layer's cache (inputs and targets);
+* per layer, seconds per AdaRound step against its fwd+bwd FLOP floor, the step's FLOPs over
+  the machine's best measured GEMM / convolution rate with all cores
+  (``bench.bench_flop_floor.machine_rates``); summarised over the layers that hold 90 % of the
+  FLOPs.
+
+Run from the repo root, one model and size per piece (minutes each on 2 cores):
+
+    .venv/bin/python -m bench.bench_scale --model resnet18 --samples 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from bench.bench_flop_floor import FLOP_SHARE, WITHIN, machine_rates
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {
+    "resnet18": ("examples.vision.models:resnet18", "examples.vision.data:photo_crops",
+                 "examples.vision.metrics:output_agreement", {"image_size": 224}),
+    "mobilenet_v2": ("examples.vision.models:mobilenet_v2", "examples.vision.data:photo_crops",
+                     "examples.vision.metrics:output_agreement", {"image_size": 224}),
+    "minilm": ("examples.minilm.model:minilm", "examples.minilm.data:stdlib_text",
+               "examples.minilm.metrics:embedding_agreement", {"max_length": 48}),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p.add_argument("--samples", type=int, default=512, help="calibration samples")
+    p.add_argument("--steps", type=int, default=100, help="AdaRound steps per layer")
+    p.add_argument("--bits", default="4,8", help="weight,activation bit widths")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="the run's directory (default: bench/results/scale/<model>_<samples>)")
+    p.add_argument("--out", type=Path, default=None, help="JSON (default: <workdir>.json)")
+    return p.parse_args(argv)
+
+
+def pipeline_params(args: argparse.Namespace, workdir: Path) -> dict:
+    """The root params.yaml made this example's: its factory, data, metric, sizes, dirs."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    factory, source, metric, data_kwargs = MODELS[args.model]
+    weight_bits, activation_bits = (int(b) for b in args.bits.split(","))
+    params["data"] = {"source": source, "batch_process": None, "kwargs": {
+        "num_calibration": args.samples, "num_evaluation": 64, "seed": 0, **data_kwargs}}
+    params["model"] = {"factory": factory, "kwargs": {}, "pretrained": None}
+    params["train"] = {"trainer": None, "kwargs": {}}
+    params["quant"].update(weight_bits=weight_bits, activation_bits=activation_bits,
+                           weight_observer="minmax")
+    params["calibration"] = {"batch_size": args.batch_size, "num_samples": args.samples}
+    params["adaround"].update(num_steps=args.steps, batch_size=8,
+                              num_batches=-(-args.samples // args.batch_size))
+    params["eval"].update(metric=metric, batch_size=args.batch_size)
+    params["tracking"]["enabled"] = False
+    params["runtime"].update({key: str(workdir / key.removesuffix("_dir")) for key in
+                              ("data_dir", "checkpoint_dir", "results_dir", "cache_dir")})
+    return params
+
+
+def directory_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:  # removed while walking
+                pass
+    return total
+
+
+def run_stage(stage: str, params_file: Path, cache_dir: Path | None = None) -> dict:
+    """Run ``python -m flows <stage>``: wall time, peak RSS of that process (``wait4``), and
+    with ``cache_dir`` the peak disk under it."""
+    peak, done = [0], threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.2):
+            peak[0] = max(peak[0], directory_bytes(cache_dir))
+
+    if cache_dir:
+        threading.Thread(target=poll, daemon=True).start()
+    log = params_file.parent / f"{stage}.log"
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows", stage, "--params",
+                                 str(params_file)], cwd=REPO, stdout=out, stderr=out,
+                                env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    done.set()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"python -m flows {stage} failed: {log.read_text()[-3000:]}")
+    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "peak_cache_bytes": peak[0]}
+
+
+def layer_floor(report: list[dict], rate: float) -> dict:
+    """Seconds per step over the FLOP floor, per layer and over the layers that hold
+    ``FLOP_SHARE`` of the step FLOPs."""
+    rows = [{"layer": r["layer"], "step_flops": r["step_flops"], "threads": r["threads"],
+             "step_s": r["seconds"] / r["num_steps"],
+             "floor_s": r["step_flops"] / rate} for r in report]
+    for row in rows:
+        row["over_floor"] = row["step_s"] / row["floor_s"]
+    total, running, heavy = sum(r["step_flops"] for r in rows), 0, []
+    for row in sorted(rows, key=lambda r: -r["step_flops"]):
+        if running >= FLOP_SHARE * total:
+            break
+        heavy.append(row)
+        running += row["step_flops"]
+    return {"layers": rows, "heavy_layers": len(heavy),
+            "heavy_worst_over_floor": max(r["over_floor"] for r in heavy),
+            "heavy_within_target": sum(r["over_floor"] <= WITHIN for r in heavy)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = (args.workdir or REPO / "bench/results/scale" / f"{args.model}_{args.samples}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    params = pipeline_params(args, workdir)
+    params_file = workdir / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    setup = {stage: run_stage(stage, params_file)
+             for stage in ("check", "data", "train", "calibrate")}
+    print(f"setup {setup}", flush=True)
+    stage = run_stage("adaround", params_file, workdir / "cache")
+    report = json.loads((workdir / "results" / "adaround_report.json").read_text())
+    capture = sum(r["capture_seconds"] for r in report)
+    rounding = sum(r["seconds"] for r in report)
+    rates = machine_rates(repeats=5)
+    result = {
+        "model": args.model, "samples": args.samples, "steps": args.steps, "bits": args.bits,
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "torch": torch.__version__,
+                    "rates_flops": rates},
+        "setup_wall_s": setup, "adaround_wall_s": stage["wall_s"],
+        "capture_s": capture, "rounding_s": rounding,
+        "orchestration_s": stage["wall_s"] - capture - rounding,
+        "capture_share": capture / stage["wall_s"],
+        "peak_rss_bytes": stage["peak_rss_bytes"],
+        "peak_cache_bytes": stage["peak_cache_bytes"],
+        "largest_layer_cache_bytes": max(r["cache_bytes"] for r in report),
+        "capture_method": report[0]["capture_method"],
+        "floor": layer_floor(report, max(rates.values())),
+    }
+    result["peak_cache_over_largest"] = (result["peak_cache_bytes"]
+                                         / result["largest_layer_cache_bytes"])
+    out = args.out or workdir.with_suffix(".json")
+    out.write_text(json.dumps(result, indent=1))
+    summary = {k: v for k, v in result.items() if k not in ("floor", "machine")}
+    summary.update({k: v for k, v in result["floor"].items() if k != "layers"})
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
