@@ -38,8 +38,6 @@ from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.unit_reconstruction import reconstruct_unit
 from adaround_core.reconstruction.units import Unit
 
-BLOCK_CAPTURE_NOTE = "granularity 'block': each unit is captured with its own forward passes"
-
 
 def round_layer_unit(name: str, layers: dict[str, QuantLayerMixin], inputs: list[torch.Tensor],
                      targets: list[torch.Tensor], cfg: AdaRoundConfig,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks import capture
 from tasks.calibration import calibrate
 from tasks.data import prepare_data
 from tasks.io import load_tensors
@@ -86,3 +87,19 @@ def test_the_adaround_stage_rounds_blocks_and_a_rerun_reuses_every_unit(rounded,
         layout.adaround_checkpoint.read_bytes()
     again = pipe.run_flows(copy, "adaround", api_url=prefect_server).stdout
     assert pipe.layer_counts(again) == (0, len(results))
+
+
+def test_each_unit_continues_the_previous_units_pass_with_the_per_unit_results(
+        rounded, pipe, monkeypatch):
+    params, _, inputs, results = rounded
+    plan = plan_layers.fn(params, *inputs)
+    assert (plan.capture_method, plan.capture_note) == ("one_pass", "")
+    frontiers = Path(params.runtime.cache_dir) / "frontiers"  # kept: runtime.keep_cache
+    assert sorted(p.name.split("--")[0] for p in frontiers.iterdir()) == sorted(plan.names[:-1])
+    shutil.rmtree(params.runtime.cache_dir)
+    for result in results:
+        Path(result.path).unlink()
+    monkeypatch.setattr(capture, "ONE_PASS_CAPTURE", False)
+    again = pipe.round_units(params, inputs)
+    assert plan_layers.fn(params, *inputs).capture_method == "per_layer"
+    assert [r.digest for r in again] == [r.digest for r in results]
