@@ -6,8 +6,8 @@ calls the very module objects of the model: a weight rounded later is seen by th
 graph. It then checks that the graph can be cut right before each layer's call (one
 call per layer, in the given order, one positional argument, no other read of the
 layer's parameters). Cut points may also be blocks (``blocks``: modules reconstructed as
-units, called with any arguments). Anything else raises :class:`NotSegmentable` with the reason, and
-the caller falls back to capturing each layer with its own forward pass.
+units, called with any arguments). Anything else raises :class:`NotSegmentable` with the
+reason, and the caller falls back to capturing each layer with its own forward pass.
 """
 
 from __future__ import annotations

@@ -30,9 +30,11 @@ def copy_tensors(tree: Any) -> Any:
 def iter_unit_calls(quant_model: nn.Module, float_model: nn.Module, unit: str,
                     expected_calls: int, batches: Iterable[Any]) -> Iterator[Call]:
     """Per batch (and per call of ``unit``): ``(args, kwargs, float output)``."""
+    def take_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return copy_tensors(args), copy_tensors(kwargs)
+
     pairs = iter_module_calls(quant_model, float_model, unit, expected_calls, batches,
-                              lambda module, args, kwargs: (copy_tensors(args), copy_tensors(kwargs)),
-                              copy_tensors)
+                              take_input, copy_tensors)
     for (args, kwargs), output in pairs:
         yield args, kwargs, output
 

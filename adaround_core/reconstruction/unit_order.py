@@ -12,6 +12,7 @@ one forward pass of each model where the graph allows it, else each with its own
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import closing
 from typing import Any
 
 import torch
@@ -94,17 +95,14 @@ def reconstruct_units(model: nn.Module, layers: dict[str, QuantLayerMixin], unit
                               (QuantLayerMixin, FakeQuantize), one_pass,
                               blocks=[u.name for u in units if u.is_block])
     report = ReconstructionReport(capture_method=capturer.method, capture_note=capturer.note)
-    try:
-        with tqdm(total=len(units) * cfg.num_steps, unit="step", desc="AdaRound",
-                  disable=not cfg.progress) as bar:
-            for unit in units:
-                bar.set_postfix_str(unit.name)
-                for name in unit.layers:
-                    layers[name].freeze_weight_qparams()
-                report.layers.append(_round_unit(model, capturer, layers, unit, calls, cfg,
-                                                 lambda _: bar.update()))
-    finally:
-        capturer.close()
+    with closing(capturer), tqdm(total=len(units) * cfg.num_steps, unit="step",
+                                 desc="AdaRound", disable=not cfg.progress) as bar:
+        for unit in units:
+            bar.set_postfix_str(unit.name)
+            for name in unit.layers:
+                layers[name].freeze_weight_qparams()
+            report.layers.append(_round_unit(model, capturer, layers, unit, calls, cfg,
+                                             lambda _: bar.update()))
     return report
 
 

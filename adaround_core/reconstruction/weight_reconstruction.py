@@ -33,8 +33,8 @@ from adaround_core.reconstruction.units import plan_units
 
 logger = logging.getLogger(__name__)
 
-# Capture each layer's (or unit's) inputs by continuing one forward pass (True), or by a
-# partial pass per layer (False; the fallback, kept switchable for equality tests and benchmarks).
+# Capture each layer's (or unit's) inputs by continuing one forward pass (True), or by
+# partial passes per layer (False; the fallback, switchable for equality tests and benchmarks).
 ONE_PASS_CAPTURE = True
 
 
