@@ -33,6 +33,17 @@ class DataDependentBlocks(nn.Module):
         return self.second(x) if x.sum() > 0 else self.second(-x)
 
 
+class SharedBlock(nn.Module):
+    """One block called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.relu(self.block(x)))
+
+
 def _image_case(model: type[nn.Module], shape: tuple[int, ...]):
     def make(h):
         batches = h.make_batches(3, shape)
@@ -119,15 +130,17 @@ def test_each_earlier_unit_runs_once_per_batch_after_it_is_rounded(h, monkeypatc
     assert per_unit >= 2 * units * len(batches)
 
 
-def test_an_untraceable_model_falls_back_to_per_unit_passes_and_says_why(h, monkeypatch,
-                                                                       caplog):
+@pytest.mark.parametrize(("model", "blocks", "reason"), [
+    (DataDependentBlocks, ["first", "second"], "torch.fx cannot trace the model"),
+    (SharedBlock, ["block"], "'block' is called 2 times"),
+])
+def test_where_one_pass_does_not_apply_units_fall_back_to_per_unit_passes_and_say_why(
+        h, monkeypatch, caplog, model, blocks, reason):
     batches = h.make_batches(3, (6, 4))
-    q = h.calibrate(prepare_qat_fx(DataDependentBlocks().eval(), W4A4), batches)
-    cfg = {**CFG, "blocks": ["first", "second"]}
+    q = h.calibrate(prepare_qat_fx(model().eval(), W4A4), batches)
     with caplog.at_level(logging.WARNING):
-        new, old = _both_methods(monkeypatch, q, batches, cfg)
+        new, old = _both_methods(monkeypatch, q, batches, {**CFG, "blocks": blocks})
     _assert_same_rounding(new, old)
-    reason = "torch.fx cannot trace the model"
     assert new[1].capture_method == PER_LAYER and reason in new[1].capture_note
     assert any("one-pass capture does not apply" in r.message and "each unit" in r.message
                for r in caplog.records)
