@@ -1,8 +1,8 @@
 """Block reconstruction, QDrop and learned activation scales against layer-wise AdaRound.
 
 A ResNet-18-shaped network (``bench/resnet_like.py``, random weights, 32x32 inputs, 10
-classes) at W4A4: for each variant, the wall time of ``weight_reconstruction`` at the same
-steps per unit and the output MSE against the float model on held-out inputs. Run from the
+classes) at W4A4: for each variant, the wall and CPU time (all threads, less sensitive to
+other load) of ``weight_reconstruction`` at the same steps per unit and the output MSE against the float model on held-out inputs. Run from the
 repo root (``OMP_WAIT_POLICY=PASSIVE`` on a shared machine):
 
     .venv/bin/python -m bench.bench_block_reconstruction --steps 100
@@ -43,16 +43,18 @@ def run_variant(float_model: torch.nn.Module, calibration: list[torch.Tensor],
     with torch.no_grad():
         for batch in calibration:
             model(batch)
-    seconds = 0.0
+    seconds = cpu_seconds = 0.0
     if config is not None:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         q.weight_reconstruction(model, calibration, None,
                                 {"num_steps": steps, "progress": False, **config})
         seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
     q.set_fake_quantize(model, q.FakeQuantState.VALIDATION)
     with torch.no_grad():
         mse = (model(held_out) - float_model(held_out)).pow(2).mean().item()
-    return {"seconds": round(seconds, 2), "output_mse": mse}
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+            "output_mse": mse}
 
 
 def main() -> None:
@@ -72,11 +74,12 @@ def main() -> None:
     for name in args.variants:
         config = VARIANTS[name]
         results[name] = run_variant(float_model, calibration, held_out, config, args.steps)
-        print(f"{name:<22} {results[name]['seconds']:>8.2f} s  output MSE "
+        print(f"{name:<22} {results[name]['seconds']:>8.2f} s  (CPU "
+              f"{results[name]['cpu_seconds']:.2f} s)  output MSE "
               f"{results[name]['output_mse']:.4g}", flush=True)
     if "layer" in results and "block" in results:
-        ratio = results["block"]["seconds"] / results["layer"]["seconds"]
-        print(f"block / layer wall time: {ratio:.2f}")
+        ratios = [results["block"][k] / results["layer"][k] for k in ("seconds", "cpu_seconds")]
+        print(f"block / layer wall time: {ratios[0]:.2f}, CPU time: {ratios[1]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": platform.processor() or platform.machine(),

@@ -5,10 +5,13 @@ method captures every layer's inputs and targets in rounding order, writing each
 layer's nearest rounding before the next capture (a stand-in for AdaRound, so later
 inputs depend on earlier roundings, as in a real run, at no optimisation cost). Each
 method runs in its own process so its peak RSS is its own. Checks the captured tensors
-agree by a checksum.
+agree by a checksum. ``--granularity block`` captures the units of block reconstruction
+instead (the 8 residual blocks, the stem and the head): a block's call arguments and float
+output, its layers rounded before the next unit's capture.
 
     .venv/bin/python -m bench.bench_capture [--batches 8] [--batch-size 16] [--threads 1]
                                             [--memory-mib 256] [--only one_pass]
+                                            [--granularity block]
 """
 
 from __future__ import annotations
@@ -24,14 +27,18 @@ import torch
 from torch import nn
 
 from adaround_core import quantization as q
-from adaround_core.calibration.capture_method import layer_capturer
+from adaround_core.calibration.capture_method import LayerCapturer, layer_capturer
 from adaround_core.calibration.frontier_store import FRONTIER_MEMORY_BUDGET
 from adaround_core.quant.fake_quantize import FakeQuantize
 from adaround_core.quant.model_modes import float_reference
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
 from adaround_core.reconstruction.layer_reconstruction import nearest_weight
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.rounding_mode import rounding_mode
+from adaround_core.reconstruction.unit_order import block_calls
+from adaround_core.reconstruction.units import Unit, plan_units
 from adaround_core.reconstruction.weight_reconstruction import rounding_order
+from adaround_core.torch_private import tree_leaves
 
 
 class _Block(nn.Module):
@@ -79,29 +86,41 @@ def _calibrated(batches: list[torch.Tensor]) -> nn.Module:
     return prepared
 
 
+def _captured_sum(capturer: LayerCapturer, unit: Unit, calls: int) -> float:
+    """Capture ``unit`` (every batch) and sum what was captured."""
+    items = capturer.iter_unit_calls(unit.name, calls) if unit.is_block else \
+        capturer.iter_layer_io(unit.name, calls)
+    return sum(float(t.double().sum()) for item in items for t in tree_leaves(item)
+               if isinstance(t, torch.Tensor))
+
+
 def run_method(one_pass: bool, num_batches: int, batch_size: int, threads: int,
-               memory_budget: int) -> dict:
-    """Capture every layer once with one method; seconds, peak RSS and a checksum."""
+               memory_budget: int, granularity: str = "layer") -> dict:
+    """Capture every unit once with one method; seconds, peak RSS and a checksum."""
     torch.manual_seed(1)
     batches = [torch.randn(batch_size, 3, 64, 64) for _ in range(num_batches)]
     model = _calibrated(batches)
     names, calls = rounding_order(model, batches[0], [])
+    units = plan_units(model, names, AdaRoundConfig(granularity=granularity))
+    calls |= block_calls(model, units, batches[0])
     layers = quant_layers(model)
     checksum = 0.0
     with rounding_mode(model, threads):
         start = time.perf_counter()
-        capturer = layer_capturer(model, float_reference(model), names, batches, batches[0],
-                                  (QuantLayerMixin, FakeQuantize), one_pass,
-                                  memory_budget=memory_budget)
-        for name in names:
-            layers[name].freeze_weight_qparams()
-            for x, y in capturer.iter_layer_io(name, calls[name]):
-                checksum += float(x.double().sum() + y.double().sum())
+        capturer = layer_capturer(model, float_reference(model), [u.name for u in units],
+                                  batches, batches[0], (QuantLayerMixin, FakeQuantize), one_pass,
+                                  memory_budget=memory_budget,
+                                  blocks=[u.name for u in units if u.is_block])
+        for unit in units:
+            for name in unit.layers:
+                layers[name].freeze_weight_qparams()
+            checksum += _captured_sum(capturer, unit, calls[unit.name])
             with torch.no_grad():
-                layers[name].weight.copy_(nearest_weight(layers[name]))
+                for name in unit.layers:
+                    layers[name].weight.copy_(nearest_weight(layers[name]))
         capturer.close()
         seconds = time.perf_counter() - start
-    return {"method": capturer.method, "layers": len(names), "seconds": round(seconds, 3),
+    return {"method": capturer.method, "units": len(units), "seconds": round(seconds, 3),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "checksum": checksum}
 
@@ -114,11 +133,13 @@ def main() -> None:
     parser.add_argument("--memory-mib", type=int, default=FRONTIER_MEMORY_BUDGET >> 20,
                         help="frontier bytes kept in memory per model (the rest on disk)")
     parser.add_argument("--only", choices=["old", "one_pass"], help="run one method only")
+    parser.add_argument("--granularity", choices=["layer", "block"], default="layer",
+                        help="capture layers, or the units of block reconstruction")
     parser.add_argument("--child", choices=["old", "one_pass"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         result = run_method(args.child == "one_pass", args.batches, args.batch_size, args.threads,
-                            args.memory_mib << 20)
+                            args.memory_mib << 20, args.granularity)
         print(json.dumps(result))
         return
     results = {}
@@ -126,7 +147,8 @@ def main() -> None:
         done = subprocess.run([sys.executable, "-m", "bench.bench_capture", "--child", method,
                                "--batches", str(args.batches), "--batch-size",
                                str(args.batch_size), "--threads", str(args.threads),
-                               "--memory-mib", str(args.memory_mib)],
+                               "--memory-mib", str(args.memory_mib),
+                               "--granularity", args.granularity],
                               capture_output=True, text=True, check=True)
         results[method] = json.loads(done.stdout.strip().splitlines()[-1])
         print(method, results[method])

@@ -2,7 +2,7 @@
 (a block's: the arguments of its calls and its float outputs).
 
 With one-pass capture (:mod:`tasks.capture`) the task also leaves the forward passes paused
-at its layer's boundary under ``<cache_dir>/frontiers/`` for the next layer's task, which
+at its unit's boundary under ``<cache_dir>/frontiers/`` for the next layer's task, which
 deletes the ones it continued once its own cache exists (unless ``runtime.keep_cache``).
 """
 
@@ -22,7 +22,6 @@ from adaround_core.calibration.sample_store import (
     read_manifest,
     write_layer_cache,
 )
-from adaround_core.calibration.unit_capture import iter_unit_calls
 from adaround_core.calibration.unit_store import write_unit_cache
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact
@@ -98,15 +97,15 @@ def _saved_frontiers(directory: Path) -> bool:
 def _capture(job: LayerJob, tmp: Path, model: nn.Module, reference: nn.Module,
              temporaries: list[Path]) -> tuple[int, str]:
     """Write the job's cache into ``tmp`` (models in rounding mode; frontiers saved for the
-    next layer are published at once); the number of rows (a block's: of calls) and where
+    next unit are published at once); the number of rows (a block's: of calls) and where
     capture started."""
     batches = training_inputs(job.params, job.dataset)
-    if job.block:
-        calls = iter_unit_calls(model, reference, job.name, job.calls, batches)
-        return write_unit_cache(tmp, calls), "per-unit passes"
     capture = open_capture(job, model, reference, batches)
     try:
-        rows = write_layer_cache(tmp, capture.pairs())
+        if job.block:
+            rows = write_unit_cache(tmp, capture.calls())
+        else:
+            rows = write_layer_cache(tmp, capture.pairs())
         if capture.saves_frontiers:
             frontiers = _temporary(job.frontier_dir())
             temporaries.append(frontiers)

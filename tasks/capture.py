@@ -10,7 +10,9 @@ paused at its own boundary for layer ``k+1`` (:meth:`LayerCapture.save`). Withou
 usable saved boundary (the first layer, a deleted or corrupt one) the pass starts at
 the model's input: one partial pass, the same tensors. Where the graph cannot be cut,
 every task captures its layer with a partial pass per batch (the per-layer method), as
-``weight_reconstruction`` does. Both give bit-identical inputs and targets.
+``weight_reconstruction`` does. Both give bit-identical inputs and targets. With
+``granularity: block`` the units are the cut points and a block's task captures its calls
+(:meth:`LayerCapture.calls`) the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from adaround_core.calibration.graph_trace import LayerGraph, NotSegmentable, tr
 from adaround_core.calibration.layer_capture import iter_layer_io
 from adaround_core.calibration.one_pass_capture import OnePassCapture
 from adaround_core.calibration.sample_store import CorruptCacheError
+from adaround_core.calibration.unit_capture import iter_unit_calls
+from adaround_core.calibration.unit_samples import Call
 from adaround_core.quant.fake_quantize import FakeQuantize
 from adaround_core.quant.quant_layers import QuantLayerMixin
 from adaround_core.reconstruction.rounding_mode import rounding_mode
@@ -43,12 +47,15 @@ KEY_FILE = "key"  # in a frontier directory: the full cache key of the layer tha
 
 
 def capture_verdict(model: nn.Module, names: list[str], batch: torch.Tensor,
-                    num_threads: int | None) -> tuple[str, str]:
-    """``(method, note)`` for rounding ``names`` of the calibrated ``model``: the engine's
-    choice (which logs a warning when one-pass capture does not apply), made once per run."""
+                    num_threads: int | None, blocks: list[str] | None = None,
+                    ) -> tuple[str, str]:
+    """``(method, note)`` for rounding the units ``names`` (``blocks`` among them) of the
+    calibrated ``model``: the engine's choice (which logs a warning when one-pass capture
+    does not apply), made once per run."""
     with rounding_mode(model, num_threads):
         # the float model is only stored by the capturer until a layer is captured
-        capturer = layer_capturer(model, model, names, (), batch, LEAF_TYPES, ONE_PASS_CAPTURE)
+        capturer = layer_capturer(model, model, names, (), batch, LEAF_TYPES, ONE_PASS_CAPTURE,
+                                  blocks=blocks or ())
         capturer.close()
     return capturer.method, capturer.note
 
@@ -79,6 +86,13 @@ class LayerCapture:
         return iter_layer_io(self.model, self.reference, self.job.name, self.job.calls,
                              self.batches, quantize)
 
+    def calls(self) -> Iterator[Call]:
+        """Per batch, the block's call ``(args, kwargs)`` and float output."""
+        if self.one_pass is not None:
+            return self.one_pass.iter_unit_calls(self.job.name)
+        return iter_unit_calls(self.model, self.reference, self.job.name, self.job.calls,
+                               self.batches)
+
     @property
     def saves_frontiers(self) -> bool:
         """Whether a later layer can continue this capture (read :meth:`pairs` first)."""
@@ -104,7 +118,7 @@ def open_capture(job: LayerJob, model: nn.Module, reference: nn.Module,
         return LayerCapture(job, model, reference, batches, None, "per-layer passes")
     order = list(job.chain.order)
     try:
-        graph = trace_layer_graph(model, order, LEAF_TYPES, batches[0])
+        graph = trace_layer_graph(model, order, LEAF_TYPES, batches[0], job.chain.blocks)
     except NotSegmentable as reason:  # the plan traced the same model: not expected
         run_logger(__name__).warning("%s: one-pass capture does not apply (%s); capturing "
                                      "with per-layer passes", job.name, reason)

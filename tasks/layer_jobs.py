@@ -38,11 +38,13 @@ class CaptureChain:
 
     ``order``: every layer of the plan, in rounding order (each task traces the same graph,
     so saved frontiers fit); ``upstream``: the cache key of the plan's previous layer, whose
-    task saved the paused passes this one continues ("" for the first layer). Neither is
-    part of any key: a layer's inputs are the same whichever way they are captured."""
+    task saved the paused passes this one continues ("" for the first layer); ``blocks``:
+    the block units in ``order`` (``granularity: block``). None is part of any key: a
+    layer's inputs are the same whichever way they are captured."""
 
     order: tuple[str, ...]
     upstream: str = ""
+    blocks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ def plan_job(params: PipelineParams, dataset: Artifact, float_model: Artifact,
     name = plan.names[len(results)]
     chain = None
     if plan.capture_method == ONE_PASS:
-        chain = CaptureChain(tuple(plan.names), upstream.cache_key if upstream else "")
+        chain = CaptureChain(tuple(plan.names), upstream.cache_key if upstream else "",
+                             tuple(plan.blocks))
     return LayerJob(params, dataset, float_model, calibrated, name, plan.calls[name],
                     tuple(results), chain, plan.blocks.get(name, ()))

@@ -4,8 +4,7 @@ inputs are captured (one continued pass where the model's graph allows it); with
 
 from __future__ import annotations
 
-from adaround_core.calibration.capture_method import PER_LAYER
-from adaround_core.reconstruction.unit_order import BLOCK_CAPTURE_NOTE, block_calls
+from adaround_core.reconstruction.unit_order import block_calls
 from adaround_core.reconstruction.units import plan_units
 from adaround_core.reconstruction.weight_reconstruction import rounding_order
 from tasks.artifacts import Artifact, LayerPlan
@@ -27,14 +26,13 @@ def plan_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact
     model = calibrated_model(params, dataset, float_model, calibrated)
     names, calls = rounding_order(model, example, params.adaround.exclude_prefix)
     blocks = {}
-    if params.adaround.granularity == "block":  # each unit captured with its own passes
+    if params.adaround.granularity == "block":
         units = plan_units(model, names, params.adaround)
         calls |= block_calls(model, units, example)
         names = [u.name for u in units]
         blocks = {u.name: u.layers for u in units if u.is_block}
-        method, note = PER_LAYER, BLOCK_CAPTURE_NOTE
-    else:
-        method, note = capture_verdict(model, names, example, params.adaround.num_threads)
+    method, note = capture_verdict(model, names, example, params.adaround.num_threads,
+                                   list(blocks))
     cache_bytes = layer_cache_bytes(model, names, batches)
     run_logger(__name__).info("rounding %d units on %s: %s; capture: %s%s; largest "
                               "activation cache %.1f MiB", len(names), compute_device(params),

@@ -5,13 +5,16 @@ layer (see :mod:`~adaround_core.calibration.graph_trace`) and reproduces the eag
 forward pass exactly on the first batch, capture continues one forward pass of each
 model (:class:`~adaround_core.calibration.one_pass_capture.OnePassCapture`). Otherwise
 it falls back to :func:`~adaround_core.calibration.layer_capture.iter_layer_io` (a
-partial pass per layer, about L²/2 in all) and logs a warning saying why.
+partial pass per layer, about L²/2 in all) and logs a warning saying why. With
+``granularity: block`` the cut points are the units, blocks among them
+(:meth:`LayerCapturer.iter_unit_calls`; the fallback:
+:func:`~adaround_core.calibration.unit_capture.iter_unit_calls`, passes per unit).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +27,8 @@ from adaround_core.calibration.graph_trace import NotSegmentable, trace_layer_gr
 from adaround_core.calibration.layer_capture import iter_layer_io
 from adaround_core.calibration.one_pass_capture import OnePassCapture
 from adaround_core.calibration.segmented_forward import matches_eager
+from adaround_core.calibration.unit_capture import iter_unit_calls
+from adaround_core.calibration.unit_samples import Call
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,13 @@ class LayerCapturer:
         return iter_layer_io(self.quant_model, self.float_model, name, calls, self.batches,
                              quantize_input)
 
+    def iter_unit_calls(self, name: str, calls: int) -> Iterator[Call]:
+        """Per batch (and per call): block ``name``'s arguments ``(args, kwargs)`` in the
+        quantized model and its float output."""
+        if self.one_pass is not None:
+            return self.one_pass.iter_unit_calls(name)
+        return iter_unit_calls(self.quant_model, self.float_model, name, calls, self.batches)
+
     def capture_layer_io(self, name: str, calls: int, quantize_input: bool = True,
                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         pairs = list(self.iter_layer_io(name, calls, quantize_input))
@@ -65,16 +77,16 @@ class LayerCapturer:
 def layer_capturer(quant_model: nn.Module, float_model: nn.Module, layers: list[str],
                    batches: Iterable[Any], first_batch: Any, leaf_types: tuple[type, ...],
                    one_pass: bool = True, memory_budget: int = FRONTIER_MEMORY_BUDGET,
-                   ) -> LayerCapturer:
-    """A capturer for ``layers`` (in rounding order) of the two models, which must be in
-    the state capture runs in (eval, fake quant as for rounding). ``memory_budget``: frontier
-    bytes per model kept in memory, the rest on disk."""
+                   blocks: Collection[str] = ()) -> LayerCapturer:
+    """A capturer for ``layers`` (in rounding order; those in ``blocks`` are block units)
+    of the two models, which must be in the state capture runs in (eval, fake quant as for
+    rounding). ``memory_budget``: frontier bytes per model kept in memory, the rest on disk."""
     capturer = LayerCapturer(quant_model, float_model, batches)
     if not one_pass:
         capturer.note = "one-pass capture switched off"
         return capturer
     try:
-        graph = trace_layer_graph(quant_model, layers, leaf_types, first_batch)
+        graph = trace_layer_graph(quant_model, layers, leaf_types, first_batch, blocks)
         with torch.no_grad():
             eager = call_model(quant_model, first_batch)
         if not matches_eager(graph, quant_model, first_batch, eager):
@@ -82,8 +94,9 @@ def layer_capturer(quant_model: nn.Module, float_model: nn.Module, layers: list[
                                  "pass on the first batch")
     except NotSegmentable as reason:
         capturer.note = str(reason)
-        logger.warning("one-pass capture does not apply: %s; capturing each layer with its "
-                       "own forward passes (about L²/2 in all)", reason)
+        logger.warning("one-pass capture does not apply: %s; capturing each %s with its "
+                       "own forward passes (about %s²/2 in all)", reason,
+                       *(("unit", "U") if blocks else ("layer", "L")))
         return capturer
     capturer.method = ONE_PASS
     capturer.one_pass = OnePassCapture(quant_model, float_model, graph, layers, batches,

@@ -5,8 +5,9 @@
 calls the very module objects of the model: a weight rounded later is seen by the
 graph. It then checks that the graph can be cut right before each layer's call (one
 call per layer, in the given order, one positional argument, no other read of the
-layer's parameters). Anything else raises :class:`NotSegmentable` with the reason, and
-the caller falls back to capturing each layer with its own forward pass.
+layer's parameters). Cut points may also be blocks (``blocks``: modules reconstructed as
+units, called with any arguments). Anything else raises :class:`NotSegmentable` with the
+reason, and the caller falls back to capturing each layer with its own forward pass.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +82,9 @@ class _LayerTracer(fx.Tracer):
 
 
 def trace_layer_graph(model: nn.Module, layers: list[str], leaf_types: tuple[type, ...],
-                      batch: Any) -> LayerGraph:
-    """Trace ``model`` (as called on ``batch``) with ``layers`` as cut points, in that order.
+                      batch: Any, blocks: Collection[str] = ()) -> LayerGraph:
+    """Trace ``model`` (as called on ``batch``) with ``layers`` as cut points, in that order;
+    those also in ``blocks`` are leaves whose calls may take any arguments.
 
     Raises :class:`NotSegmentable` naming the reason when the graph cannot be cut."""
     _check_global_hooks()
@@ -93,7 +95,7 @@ def trace_layer_graph(model: nn.Module, layers: list[str], leaf_types: tuple[typ
     for module in [model, *tracer.traced_through]:
         _check_hooks(module)
     nodes = tuple(graph.nodes)
-    layer_calls = _layer_calls(nodes, layers)
+    layer_calls = _layer_calls(nodes, layers, set(blocks))
     _check_no_parameter_reads(nodes, layers)
     return LayerGraph(nodes, layer_calls, _free_after(nodes), constants, arguments,
                       hashlib.sha256(str(graph).encode()).hexdigest())
@@ -166,7 +168,8 @@ def _trace(tracer: _LayerTracer, model: nn.Module, concrete: dict[str, Any],
     return graph, constants
 
 
-def _layer_calls(nodes: tuple[fx.Node, ...], layers: list[str]) -> dict[str, int]:
+def _layer_calls(nodes: tuple[fx.Node, ...], layers: list[str], blocks: set[str],
+                 ) -> dict[str, int]:
     calls: dict[str, list[int]] = {name: [] for name in layers}
     for i, node in enumerate(nodes):
         if node.op == "call_module" and node.target in calls:
@@ -177,7 +180,7 @@ def _layer_calls(nodes: tuple[fx.Node, ...], layers: list[str]) -> dict[str, int
                     "tracing treats as opaque)" if not found else f"is called {len(found)} times"
             raise NotSegmentable(f"layer {name!r} {where}")
         node = nodes[found[0]]
-        if len(node.args) != 1 or node.kwargs:
+        if name not in blocks and (len(node.args) != 1 or node.kwargs):
             raise NotSegmentable(f"layer {name!r} is called with extra arguments")
     order = sorted(layers, key=lambda n: calls[n][0])
     if order != list(layers):

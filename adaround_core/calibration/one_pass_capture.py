@@ -10,6 +10,10 @@ next layer continues both passes from there:
   through the layer's ``input_fake_quant`` is the input;
 * the float pass runs through the layer's call, whose output is the target.
 
+A cut point may also be a block (``granularity: block``): its call's arguments in the
+quantized pass are the inputs, its output in the float pass the target, as
+:func:`~adaround_core.calibration.unit_capture.iter_unit_calls` captures them.
+
 Both equal what :func:`~adaround_core.calibration.layer_capture.iter_layer_io` returns
 after the same roundings, bit for bit, at about one forward pass of each model in all
 instead of one partial pass per layer.
@@ -23,9 +27,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -41,12 +45,16 @@ from adaround_core.calibration.sample_store import CorruptCacheError
 from adaround_core.calibration.segmented_forward import (
     Frontier,
     advance,
+    call_arguments,
     node_arguments,
     start,
     step,
 )
+from adaround_core.calibration.unit_capture import copy_tensors
+from adaround_core.calibration.unit_samples import Call
 
 CAPTURE_STATE = "capture.json"
+T = TypeVar("T")
 
 
 class OnePassCapture:
@@ -70,6 +78,21 @@ class OnePassCapture:
         """Per batch: the layer's fake-quantized input (before ``input_fake_quant`` when
         ``quantize_input`` is False) and float output (streamed; read it to the end
         before rounding the layer)."""
+        return self._continue(name, lambda quant, floating: (
+            self._input(name, quant, quantize_input), self._target(floating)))
+
+    def iter_unit_calls(self, name: str) -> Iterator[Call]:
+        """Per batch: block ``name``'s call ``(args, kwargs)`` in the quantized pass and
+        its float output, copied as :func:`~.unit_capture.iter_unit_calls` copies them
+        (streamed; read it to the end before rounding the block)."""
+        def take(quant: Frontier, floating: Frontier) -> Call:
+            args, kwargs = call_arguments(self.graph.layer_node(name), quant.values)
+            output = step(self.graph, self.float_model, floating)
+            return copy_tensors(args), copy_tensors(kwargs), copy_tensors(output)
+        return self._continue(name, take)
+
+    def _continue(self, name: str, take: Callable[[Frontier, Frontier], T]) -> Iterator[T]:
+        """Per batch: ``take`` of both passes, continued up to the call of ``name``."""
         if not self._pending or self._pending[0] != name:
             expected = self._pending[0] if self._pending else "none"
             raise ValueError(f"layer {name!r} asked out of order (next is {expected!r}); "
@@ -80,11 +103,11 @@ class OnePassCapture:
         for i, (quant, floating) in enumerate(self._frontiers()):
             advance(self.graph, self.quant_model, quant, call)
             advance(self.graph, self.float_model, floating, call)
-            pair = (self._input(name, quant, quantize_input), self._target(floating))
+            taken = take(quant, floating)
             self._quant.put(i, quant)
             self._float.put(i, floating)
             count += 1
-            yield pair
+            yield taken
         self._num_batches = count
 
     def capture_layer_io(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

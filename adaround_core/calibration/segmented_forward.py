@@ -89,6 +89,23 @@ def node_arguments(node: fx.Node, values: dict[str, Any]) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+def call_arguments(node: fx.Node, values: dict[str, Any]) -> tuple[tuple, dict]:
+    """:func:`node_arguments` in the containers eager code passes (tuples, lists, dicts,
+    not fx's immutable ones)."""
+    args, kwargs = node_arguments(node, values)
+    return _mutable(args), _mutable(kwargs)
+
+
+def _mutable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
 def _run_node(node: fx.Node, model: nn.Module, values: dict[str, Any],
               constants: dict[str, Any]) -> Any:
     args, kwargs = node_arguments(node, values)

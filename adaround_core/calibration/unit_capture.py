@@ -22,15 +22,19 @@ from adaround_core.calibration.unit_samples import Call
 from adaround_core.torch_private import tree_map
 
 
-def _copy(tree: Any) -> Any:
+def copy_tensors(tree: Any) -> Any:
+    """``tree`` with every tensor detached and cloned."""
     return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, tree)
 
 
 def iter_unit_calls(quant_model: nn.Module, float_model: nn.Module, unit: str,
                     expected_calls: int, batches: Iterable[Any]) -> Iterator[Call]:
     """Per batch (and per call of ``unit``): ``(args, kwargs, float output)``."""
+    def take_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return copy_tensors(args), copy_tensors(kwargs)
+
     pairs = iter_module_calls(quant_model, float_model, unit, expected_calls, batches,
-                              lambda module, args, kwargs: (_copy(args), _copy(kwargs)), _copy)
+                              take_input, copy_tensors)
     for (args, kwargs), output in pairs:
         yield args, kwargs, output
 

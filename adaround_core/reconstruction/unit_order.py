@@ -3,14 +3,16 @@
 :func:`round_layer_unit` is the one place that picks the path of a single layer: the
 hand-written fast path (:func:`~.layer_reconstruction.reconstruct_layer`) for plain
 AdaRound, the autograd unit path when its activation quantizer is trained.
-:func:`reconstruct_units` runs ``granularity: block``: every unit is captured with its own
-forward passes (:mod:`~adaround_core.calibration.unit_capture`), a block reconstructed by
+:func:`reconstruct_units` runs ``granularity: block``: the units are captured by continuing
+one forward pass of each model where the graph allows it, else each with its own passes
+(:mod:`~adaround_core.calibration.capture_method`), a block reconstructed by
 :func:`~.unit_reconstruction.reconstruct_unit`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import closing
 from typing import Any
 
 import torch
@@ -18,12 +20,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adaround_core.calibration.batches import CalibrationBatches
-from adaround_core.calibration.capture_method import PER_LAYER
-from adaround_core.calibration.layer_capture import capture_layer_io, first_call_order
+from adaround_core.calibration.capture_method import LayerCapturer, layer_capturer
+from adaround_core.calibration.layer_capture import first_call_order
 from adaround_core.calibration.layer_samples import LayerSamples
-from adaround_core.calibration.unit_capture import capture_unit_calls
 from adaround_core.calibration.unit_samples import unit_samples
-from adaround_core.quant.fake_quantize import FakeQuantState
+from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
 from adaround_core.quant.quant_layers import QuantLayerMixin
 from adaround_core.reconstruction.distributed import RankGroup
@@ -37,8 +38,6 @@ from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.unit_reconstruction import reconstruct_unit
 from adaround_core.reconstruction.units import Unit
-
-BLOCK_CAPTURE_NOTE = "granularity 'block': each unit is captured with its own forward passes"
 
 
 def round_layer_unit(name: str, layers: dict[str, QuantLayerMixin], inputs: list[torch.Tensor],
@@ -88,30 +87,34 @@ def block_calls(model: nn.Module, units: list[Unit], batch: Any) -> dict[str, in
 
 def reconstruct_units(model: nn.Module, layers: dict[str, QuantLayerMixin], units: list[Unit],
                       calls: dict[str, int], data: CalibrationBatches,
-                      cfg: AdaRoundConfig) -> ReconstructionReport:
-    """Reconstruct ``units`` in order (model in rounding mode); the report, a row per unit."""
+                      cfg: AdaRoundConfig, one_pass: bool = True) -> ReconstructionReport:
+    """Reconstruct ``units`` in order (model in rounding mode); the report, a row per unit.
+    ``one_pass``: capture by continuing one forward pass where the model allows it."""
     float_model = float_reference(model)
-    report = ReconstructionReport(capture_method=PER_LAYER, capture_note=BLOCK_CAPTURE_NOTE)
-    with tqdm(total=len(units) * cfg.num_steps, unit="step", desc="AdaRound",
-              disable=not cfg.progress) as bar:
+    capturer = layer_capturer(model, float_model, [u.name for u in units], data, data.first(),
+                              (QuantLayerMixin, FakeQuantize), one_pass,
+                              blocks=[u.name for u in units if u.is_block])
+    report = ReconstructionReport(capture_method=capturer.method, capture_note=capturer.note)
+    with closing(capturer), tqdm(total=len(units) * cfg.num_steps, unit="step",
+                                 desc="AdaRound", disable=not cfg.progress) as bar:
         for unit in units:
             bar.set_postfix_str(unit.name)
             for name in unit.layers:
                 layers[name].freeze_weight_qparams()
-            report.layers.append(_round_unit(model, float_model, layers, unit, calls, data,
-                                             cfg, lambda _: bar.update()))
+            report.layers.append(_round_unit(model, capturer, layers, unit, calls, cfg,
+                                             lambda _: bar.update()))
     return report
 
 
-def _round_unit(model: nn.Module, float_model: nn.Module, layers: dict[str, QuantLayerMixin],
-                unit: Unit, calls: dict[str, int], data: CalibrationBatches,
-                cfg: AdaRoundConfig, on_step: Callable[[int], None]) -> LayerReport:
+def _round_unit(model: nn.Module, capturer: LayerCapturer, layers: dict[str, QuantLayerMixin],
+                unit: Unit, calls: dict[str, int], cfg: AdaRoundConfig,
+                on_step: Callable[[int], None]) -> LayerReport:
     if not unit.is_block:
-        inputs, targets = capture_layer_io(model, float_model, unit.name, calls[unit.name], data,
-                                           quantize_input=not cfg.trains_activations)
+        inputs, targets = capturer.capture_layer_io(unit.name, calls[unit.name],
+                                                    quantize_input=not cfg.trains_activations)
         return round_layer_unit(unit.name, layers, inputs, targets, cfg, on_step)
     generator = layer_generator(cfg.seed, unit.name)
-    captured = capture_unit_calls(model, float_model, unit.name, calls[unit.name], data)
+    captured = list(capturer.iter_unit_calls(unit.name, calls[unit.name]))
     samples = unit_samples(unit.name, captured, cfg.holdout_fraction, generator)
     del captured
     return reconstruct_unit(unit, model.get_submodule(unit.name), layers, samples, cfg,

@@ -33,8 +33,8 @@ from adaround_core.reconstruction.units import plan_units
 
 logger = logging.getLogger(__name__)
 
-# Capture each layer's inputs by continuing one forward pass (True), or by a partial
-# pass per layer (False; the fallback, kept switchable for equality tests and benchmarks).
+# Capture each layer's (or unit's) inputs by continuing one forward pass (True), or by
+# partial passes per layer (False; the fallback, switchable for equality tests and benchmarks).
 ONE_PASS_CAPTURE = True
 
 
@@ -75,7 +75,8 @@ def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
     calls |= block_calls(calib_model, units, data.first())
     with rounding_mode(calib_model, cfg.num_threads) as num_threads:
         if cfg.granularity == "block":
-            report = reconstruct_units(calib_model, layers, units, calls, data, cfg)
+            report = reconstruct_units(calib_model, layers, units, calls, data, cfg,
+                                       ONE_PASS_CAPTURE)
         else:
             report = _reconstruct_layers(calib_model, layers, selected, calls, data, cfg, ranks)
     report.num_threads = num_threads

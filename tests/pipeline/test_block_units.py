@@ -4,11 +4,13 @@ run resumes at the first unfinished unit."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tasks import capture
 from tasks.calibration import calibrate
 from tasks.data import prepare_data
 from tasks.io import load_tensors
@@ -86,3 +88,35 @@ def test_the_adaround_stage_rounds_blocks_and_a_rerun_reuses_every_unit(rounded,
         layout.adaround_checkpoint.read_bytes()
     again = pipe.run_flows(copy, "adaround", api_url=prefect_server).stdout
     assert pipe.layer_counts(again) == (0, len(results))
+
+
+def _remove(results, cache_dirs) -> None:
+    for result in results:
+        Path(result.path).unlink()
+    for directory in cache_dirs:
+        shutil.rmtree(directory)
+
+
+def test_each_unit_continues_the_previous_units_pass_with_the_per_unit_results(
+        rounded, pipe, monkeypatch, caplog):
+    params, _, inputs, results = rounded
+    plan = plan_layers.fn(params, *inputs)
+    assert (plan.capture_method, plan.capture_note) == ("one_pass", "")
+    cache = Path(params.runtime.cache_dir)  # frontiers kept: runtime.keep_cache
+    assert sorted(p.name.split("--")[0] for p in (cache / "frontiers").iterdir()) == \
+        sorted(plan.names[:-1])
+    # the last block and the head again, from the frontiers the units before them left
+    _remove(results[2:], [p for p in (cache / "activations").iterdir()
+                          if p.name.split("--")[0] in plan.names[2:]])
+    with caplog.at_level(logging.INFO):
+        again = pipe.round_units(params, inputs)
+    for name, before in zip(plan.names[2:], plan.names[1:], strict=False):
+        assert any(f"{name}: cached" in r.message and f"continued from {cache}" in r.message
+                   and f"/{before}--" in r.message for r in caplog.records), name
+    assert [r.digest for r in again] == [r.digest for r in results]
+    # every unit with its own passes: the same results
+    _remove(results, [cache])
+    monkeypatch.setattr(capture, "ONE_PASS_CAPTURE", False)
+    again = pipe.round_units(params, inputs)
+    assert plan_layers.fn(params, *inputs).capture_method == "per_layer"
+    assert [r.digest for r in again] == [r.digest for r in results]
