@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from adaround_core.reconstruction.threads import intra_op_threads
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_AREA = (0.08, 1.0)         # torchvision RandomResizedCrop's defaults
@@ -49,8 +51,11 @@ class PhotoCrops(Dataset):
             (self.seed * _STREAM_STRIDE + self.stream) * _STREAM_STRIDE + index)
         photos = sample_photos()
         photo = photos[int(torch.randint(len(photos), (1,), generator=g))]
-        image = _jitter(_flip(_random_crop(photo, self.image_size, g), g), g)
-        return _normalise(image)
+        # one thread: antialiased resizing sums in another order on more threads, and a
+        # sample must be the same bits in every process (the pipeline checks its digest)
+        with intra_op_threads(1):
+            image = _jitter(_flip(_random_crop(photo, self.image_size, g), g), g)
+            return _normalise(image)
 
 
 def photo_crops(num_calibration: int = 64, num_evaluation: int = 256, image_size: int = 224,

@@ -61,6 +61,21 @@ def test_the_data_source_streams_reproducible_normalised_crops():
         data["calibration"][3]
 
 
+def test_a_crop_is_the_same_bits_whatever_the_thread_count():
+    """The pipeline checks the calibration samples' digest in every stage, and the stages
+    run with different thread counts (antialiased resizing sums in thread-dependent order)."""
+    crops = photo_crops(num_calibration=4, num_evaluation=1, image_size=224)["calibration"]
+    previous = torch.get_num_threads()
+    try:
+        by_threads = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            by_threads[threads] = torch.stack([crops[i] for i in range(4)])
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(by_threads[1], by_threads[2])
+
+
 @pytest.mark.parametrize(("factory", "layers"), [
     (resnet18, ["conv1", "layer1.0.conv1", "layer1.0.conv2"]),
     (mobilenet_v2, ["features.0.0", "features.1.conv.0.0", "features.1.conv.1"]),
