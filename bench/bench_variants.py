@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     p.add_argument("--adaround-batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--activation-lr", type=float, default=LSQ,
+                   help=f"the learned scales' learning rate in the lsq variants (default {LSQ})")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file (default: bench/results/variants_<model>_W<w>A<a>.json)")
     p.add_argument("--resume", action="store_true", help="skip variants already in --out")
@@ -157,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants:
         if name in result["variants"]:
             continue
-        result["variants"][name] = run_variant(calib_model, batches, VARIANTS[name], score,
-                                               args)
+        config = {**VARIANTS[name]}
+        if "activation_lr" in config:
+            config["activation_lr"] = args.activation_lr
+        result["variants"][name] = run_variant(calib_model, batches, config, score, args)
         print(f"{name:<22} {result['variants'][name]['seconds']:>8.1f} s  "
               f"{result['variants'][name]['metrics']}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
