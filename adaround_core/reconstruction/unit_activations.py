@@ -4,7 +4,8 @@ Each quantized layer of the unit fake-quantizes its input; while the unit is opt
 those quantizers compute instead (through :attr:`FakeQuantize.substitute`):
 
 * with ``activation_lr``, fake quantization with a learned scale (LSQ gradient,
-  :mod:`~adaround_core.quant.lsq`), one Adam step per optimisation step;
+  :mod:`~adaround_core.quant.lsq`), one Adam step per optimisation step, at a learning rate
+  of ``activation_lr`` times the quantizer's calibrated scale;
 * with ``drop_prob`` > 0, QDrop (:mod:`~adaround_core.quant.qdrop`): each element passes
   its float value instead with probability ``drop_prob``.
 
@@ -38,7 +39,10 @@ class UnitActivations:
         learn = cfg.activation_lr is not None
         self.scales = {fq: fq.scale.detach().clone().requires_grad_(True)
                        for fq in self.quantizers if learn and fq.axis is None}
-        self._adams = [(scale, FusedAdam(scale, cfg.activation_lr))
+        # Adam moves a parameter by about its learning rate per step, whatever the gradient's
+        # size: a rate relative to each calibrated scale gives every quantizer the same
+        # relative pace (8-bit scales are orders of magnitude smaller than 4-bit ones)
+        self._adams = [(scale, FusedAdam(scale, cfg.activation_lr * float(scale.detach().max())))
                        for scale in self.scales.values()]
 
     def _quantize(self, fq: FakeQuantize, x: torch.Tensor, training: bool) -> torch.Tensor:
