@@ -10,7 +10,7 @@ forward passes (:mod:`~adaround_core.calibration.unit_capture`), a block reconst
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from adaround_core.reconstruction.layer_reconstruction import (
     layer_generator,
     reconstruct_layer,
 )
-from adaround_core.reconstruction.output_guard import OutputGuard
+from adaround_core.reconstruction.output_guard import GUARD_OUTPUT, OutputGuard, split_held_out
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.unit_reconstruction import reconstruct_unit
@@ -47,14 +47,15 @@ def round_layer_unit(name: str, layers: dict[str, QuantLayerMixin], inputs: list
                      output_guard: OutputGuard | None = None,
                      ranks: RankGroup | None = None) -> LayerReport:
     """Round one layer from its captured inputs: fake-quantized ones for the fast path
-    (which takes ``output_guard`` and ``ranks``); with ``cfg.trains_activations``, the
-    inputs before its activation fake-quant."""
+    (which alone takes ``ranks``); with ``cfg.trains_activations``, the inputs before its
+    activation fake-quant."""
     generator = layer_generator(cfg.seed, name)
     if cfg.trains_activations:
         calls = [((x,), {}, y) for x, y in zip(inputs, targets, strict=True)]
         samples = unit_samples(name, calls, cfg.holdout_fraction, generator)
         del inputs, targets, calls
-        return reconstruct_layer_unit(name, layers, samples, cfg, generator, on_step)
+        return reconstruct_layer_unit(name, layers, samples, cfg, generator, on_step,
+                                      output_guard)
     samples = LayerSamples.from_tensors(inputs, targets, cfg.holdout_fraction, generator)
     del inputs, targets
     return reconstruct_layer(name, layers[name], samples, cfg, generator, on_step,
@@ -63,11 +64,12 @@ def round_layer_unit(name: str, layers: dict[str, QuantLayerMixin], inputs: list
 
 def reconstruct_layer_unit(name: str, layers: dict[str, QuantLayerMixin], samples: LayerSamples,
                            cfg: AdaRoundConfig, generator: torch.Generator,
-                           on_step: Callable[[int], None] | None = None) -> LayerReport:
+                           on_step: Callable[[int], None] | None = None,
+                           output_guard: OutputGuard | None = None) -> LayerReport:
     """One layer through the autograd unit path (its activation quantizer trained), from
     samples of its calls ``((x,), {})`` with ``x`` its input before ``input_fake_quant``."""
     return reconstruct_unit(Unit(name, (name,)), layers[name], layers, samples, cfg,
-                            generator, on_step)
+                            generator, on_step, output_guard)
 
 
 def block_calls(model: nn.Module, units: list[Unit], batch: Any) -> dict[str, int]:
@@ -89,8 +91,14 @@ def block_calls(model: nn.Module, units: list[Unit], batch: Any) -> dict[str, in
 def reconstruct_units(model: nn.Module, layers: dict[str, QuantLayerMixin], units: list[Unit],
                       calls: dict[str, int], data: CalibrationBatches,
                       cfg: AdaRoundConfig) -> ReconstructionReport:
-    """Reconstruct ``units`` in order (model in rounding mode); the report, a row per unit."""
+    """Reconstruct ``units`` in order (model in rounding mode); the report, a row per unit.
+    With ``guard: output`` the held-out batches are left out of every unit's capture and
+    judge each unit on the model's output."""
     float_model = float_reference(model)
+    training, guard = data, None
+    if cfg.guard == GUARD_OUTPUT:
+        training, held_out = split_held_out(data, cfg.guard_batches, cfg.seed)
+        guard = OutputGuard(model, float_model, held_out)
     report = ReconstructionReport(capture_method=PER_LAYER, capture_note=BLOCK_CAPTURE_NOTE)
     with tqdm(total=len(units) * cfg.num_steps, unit="step", desc="AdaRound",
               disable=not cfg.progress) as bar:
@@ -98,21 +106,22 @@ def reconstruct_units(model: nn.Module, layers: dict[str, QuantLayerMixin], unit
             bar.set_postfix_str(unit.name)
             for name in unit.layers:
                 layers[name].freeze_weight_qparams()
-            report.layers.append(_round_unit(model, float_model, layers, unit, calls, data,
-                                             cfg, lambda _: bar.update()))
+            report.layers.append(_round_unit(model, float_model, layers, unit, calls, training,
+                                             cfg, lambda _: bar.update(), guard))
     return report
 
 
 def _round_unit(model: nn.Module, float_model: nn.Module, layers: dict[str, QuantLayerMixin],
-                unit: Unit, calls: dict[str, int], data: CalibrationBatches,
-                cfg: AdaRoundConfig, on_step: Callable[[int], None]) -> LayerReport:
+                unit: Unit, calls: dict[str, int], data: Iterable[Any],
+                cfg: AdaRoundConfig, on_step: Callable[[int], None],
+                guard: OutputGuard | None) -> LayerReport:
     if not unit.is_block:
         inputs, targets = capture_layer_io(model, float_model, unit.name, calls[unit.name], data,
                                            quantize_input=not cfg.trains_activations)
-        return round_layer_unit(unit.name, layers, inputs, targets, cfg, on_step)
+        return round_layer_unit(unit.name, layers, inputs, targets, cfg, on_step, guard)
     generator = layer_generator(cfg.seed, unit.name)
     captured = capture_unit_calls(model, float_model, unit.name, calls[unit.name], data)
     samples = unit_samples(unit.name, captured, cfg.holdout_fraction, generator)
     del captured
     return reconstruct_unit(unit, model.get_submodule(unit.name), layers, samples, cfg,
-                            generator, on_step)
+                            generator, on_step, guard)

@@ -18,9 +18,13 @@ from tasks.planning import plan_layers
 from tasks.training import train_float_model
 
 BLOCKS = ["stage.0", "stage.1"]
+QDROP_LSQ = {"drop_prob": 0.5, "activation_lr": 1e-3}
 VARIANTS = {"block": {"granularity": "block"},
-            "block+qdrop+lsq": {"granularity": "block", "drop_prob": 0.5,
-                                "activation_lr": 1e-3}}
+            "block+qdrop+lsq": {"granularity": "block", **QDROP_LSQ},
+            "block+guard=output": {"granularity": "block", "guard": "output"},
+            "block+qdrop+lsq+guard=output": {"granularity": "block", "guard": "output",
+                                             **QDROP_LSQ}}
+OUTPUT_GUARDED = [name for name, variant in VARIANTS.items() if variant.get("guard") == "output"]
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -59,6 +63,17 @@ def test_the_pipeline_reconstructs_blocks_as_the_library_does(rounded, pipe):
     params, layout, _, _ = rounded
     differ = pipe.differs_from_library(params, layout)
     assert not differ, f"pipeline and library differ in {differ}"
+
+
+@pytest.mark.parametrize("rounded", OUTPUT_GUARDED, indirect=True)
+def test_the_output_guard_judges_each_unit_and_its_result_holds_what_was_kept(rounded):
+    *_, results = rounded
+    for result in results:
+        row = result.report
+        worse = row["adaround_output_mse"] > row["nearest_output_mse"]
+        assert row["decision"] == ("nearest(output)" if worse else "adaround"), row
+        scales = [k for k in load_tensors(Path(result.path)) if k.endswith("input_scale")]
+        assert not (worse and scales), f"{result.name} kept nearest yet stores {scales}"
 
 
 def test_a_run_resumes_at_the_first_unfinished_unit(rounded, pipe):
