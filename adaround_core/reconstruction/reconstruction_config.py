@@ -12,6 +12,8 @@ from pydantic import Field, field_validator, model_validator
 
 from adaround_core.config import EngineConfig
 
+SINGLE_PROCESS_KEYS = ("granularity", "drop_prob", "activation_lr")
+
 
 class AdaRoundConfig(EngineConfig):
     """Settings of :func:`weight_reconstruction` (``docs/weight_reconstruction.md``)."""
@@ -49,6 +51,14 @@ class AdaRoundConfig(EngineConfig):
         """Whether the unit's activation fake-quants take part in the optimisation (QDrop or
         learned scales): such units need autograd through the whole unit."""
         return self.drop_prob > 0.0 or self.activation_lr is not None
+
+    @property
+    def single_process_settings(self) -> dict[str, Any]:
+        """The settings of block reconstruction, QDrop and learned scales that differ from
+        their defaults: only one process runs them (torchrun's data-parallel rounding
+        refuses them)."""
+        return {key: getattr(self, key) for key in SINGLE_PROCESS_KEYS
+                if getattr(self, key) != type(self).model_fields[key].default}
 
     @field_validator("exclude_prefix", "blocks", mode="before")
     @classmethod

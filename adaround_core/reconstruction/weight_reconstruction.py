@@ -62,10 +62,10 @@ def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
         check_same_settings(ranks, cfg.model_dump(mode="json", exclude={"progress"}),
                             "custom_config_dict")
         cfg = cfg.model_copy(update={"progress": cfg.progress and ranks.rank == 0})
-        if cfg.granularity == "block" or cfg.trains_activations:
-            raise ValueError("custom_config_dict: under torchrun only granularity 'layer' "
-                             "without drop_prob / activation_lr runs data-parallel; run "
-                             "block reconstruction, QDrop and learned scales in one process")
+        for key, value in cfg.single_process_settings.items():
+            raise ValueError(f"custom_config_dict: {key}={value!r} does not run under "
+                             f"torchrun (only layer-wise AdaRound without drop_prob / "
+                             f"activation_lr runs data-parallel); run it in one process")
     data = CalibrationBatches(batches, batch_process_func, model_device(calib_model),
                               cfg.num_batches)
     data.check_all()
