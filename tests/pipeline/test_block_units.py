@@ -85,19 +85,52 @@ def test_a_run_resumes_at_the_first_unfinished_unit(rounded, pipe):
     assert [r.digest for r in again] == [r.digest for r in results]
 
 
-@pytest.mark.parametrize("rounded", ["block+qdrop+lsq"], indirect=True)  # one is enough
-def test_the_adaround_stage_rounds_blocks_and_a_rerun_reuses_every_unit(rounded, tmp_path,
-                                                                         prefect_server, pipe):
-    params, layout, _, results = rounded
+def _stage_project(params, tmp_path: Path) -> Path:
+    """A copy of the fixture's project with its data and checkpoints, no AdaRound yet."""
     project = Path(params.runtime.results_dir).parent
     copy = tmp_path / "stage"
     copy.mkdir()
     for sub in ("params.yaml", "data", "checkpoints"):
         (shutil.copytree if (project / sub).is_dir() else shutil.copy)(project / sub, copy / sub)
     (copy / "checkpoints" / "adaround.safetensors").unlink()
+    return copy
+
+
+@pytest.mark.parametrize("rounded", ["block+qdrop+lsq"], indirect=True)  # one is enough
+def test_the_adaround_stage_rounds_blocks_and_a_rerun_reuses_every_unit(rounded, tmp_path,
+                                                                         prefect_server, pipe):
+    params, layout, _, results = rounded
+    copy = _stage_project(params, tmp_path)
     first = pipe.run_flows(copy, "adaround", api_url=prefect_server).stdout
     assert pipe.layer_counts(first) == (len(results), 0)
     assert (copy / "checkpoints" / "adaround.safetensors").read_bytes() == \
         layout.adaround_checkpoint.read_bytes()
     again = pipe.run_flows(copy, "adaround", api_url=prefect_server).stdout
     assert pipe.layer_counts(again) == (0, len(results))
+
+
+@pytest.mark.parametrize("rounded", ["block"], indirect=True)
+def test_a_stage_killed_after_the_first_block_resumes_without_recomputing_it(
+        rounded, tmp_path, prefect_server, pipe):
+    """SIGKILL once the first block's result is on disk; the rerun reuses every finished
+    unit (the block's result file untouched) and writes the uninterrupted checkpoint."""
+    params, layout, _, results = rounded
+    copy = _stage_project(params, tmp_path)
+    folder = copy / "results" / "layers"
+
+    def first_block_written() -> bool:
+        return folder.is_dir() and any(folder.glob(f"{BLOCKS[0]}--*.safetensors"))
+
+    pipe.run_and_kill(copy, prefect_server, first_block_written)
+    done = pipe.result_files(copy)
+    assert 0 < len(done) < len(results), "the kill did not land inside the run"
+    [block] = [folder / name for name in done if name.startswith(f"{BLOCKS[0]}--")]
+    block_bytes, block_mtime = block.read_bytes(), block.stat().st_mtime_ns
+
+    out = pipe.run_flows(copy, "adaround", api_url=prefect_server).stdout
+    assert pipe.layer_counts(out) == (len(results) - len(done), len(done))
+    assert f"{BLOCKS[0]}: result reused" in out
+    assert block.read_bytes() == block_bytes and block.stat().st_mtime_ns == block_mtime
+    assert (copy / "checkpoints" / "adaround.safetensors").read_bytes() == \
+        layout.adaround_checkpoint.read_bytes()
+    assert pipe.result_files(copy) == sorted(Path(r.path).name for r in results)
