@@ -29,13 +29,14 @@ class UnitState:
         self._freeze_if_learned: list[FakeQuantize] = []
 
     def add(self, tensor: torch.Tensor, nearest: torch.Tensor, learned: torch.Tensor) -> None:
-        """One tensor of the model and its two candidate values."""
-        self._entries.append((tensor, nearest.detach().clone(), learned.detach().clone()))
+        """One tensor of the model and its two candidate values (held, not copied: they must
+        not be the model's tensors or change before the state is written)."""
+        self._entries.append((tensor, nearest.detach(), learned.detach()))
 
     def add_learned_scale(self, quantizer: FakeQuantize, scale: torch.Tensor) -> None:
         """An activation quantizer whose scale was learned (frozen once it is kept); its
         nearest value is the calibrated scale it holds now."""
-        self.add(quantizer.scale, quantizer.scale, scale)
+        self.add(quantizer.scale, quantizer.scale.detach().clone(), scale)
         self._freeze_if_learned.append(quantizer)
 
     @torch.no_grad()
