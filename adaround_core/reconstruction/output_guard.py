@@ -26,6 +26,7 @@ from torch import nn
 
 from adaround_core.calibration.batches import call_model
 from adaround_core.quant.model_modes import eval_mode
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.unit_state import LEARNED, NEAREST, UnitState
 from adaround_core.torch_private import tree_leaves
 
@@ -123,6 +124,16 @@ class OutputGuard:
             with state.applied(which):
                 errors.append(self.error())
         return errors[0], errors[1]
+
+def guarded_batches(model: nn.Module, float_model: nn.Module, batches: Iterable[Any],
+                    cfg: AdaRoundConfig) -> tuple[Iterable[Any], OutputGuard | None]:
+    """The batches units are captured on, and the output guard on the held-out ones
+    (``guard: output``; otherwise every batch, and no guard)."""
+    if cfg.guard != GUARD_OUTPUT:
+        return batches, None
+    training, held_out = split_held_out(batches, cfg.guard_batches, cfg.seed)
+    return training, OutputGuard(model, float_model, held_out)
+
 
 def decide(guard: str, layer_errors: tuple[float, float],
            output_errors: tuple[float, float] | None) -> str:

@@ -32,7 +32,7 @@ from adaround_core.reconstruction.layer_reconstruction import (
     layer_generator,
     reconstruct_layer,
 )
-from adaround_core.reconstruction.output_guard import GUARD_OUTPUT, OutputGuard, split_held_out
+from adaround_core.reconstruction.output_guard import OutputGuard, guarded_batches
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.unit_reconstruction import reconstruct_unit
@@ -95,10 +95,7 @@ def reconstruct_units(model: nn.Module, layers: dict[str, QuantLayerMixin], unit
     With ``guard: output`` the held-out batches are left out of every unit's capture and
     judge each unit on the model's output."""
     float_model = float_reference(model)
-    training, guard = data, None
-    if cfg.guard == GUARD_OUTPUT:
-        training, held_out = split_held_out(data, cfg.guard_batches, cfg.seed)
-        guard = OutputGuard(model, float_model, held_out)
+    training, guard = guarded_batches(model, float_model, data, cfg)
     report = ReconstructionReport(capture_method=PER_LAYER, capture_note=BLOCK_CAPTURE_NOTE)
     with tqdm(total=len(units) * cfg.num_steps, unit="step", desc="AdaRound",
               disable=not cfg.progress) as bar:

@@ -20,7 +20,7 @@ from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
 from adaround_core.reconstruction.distributed import RankGroup, check_same_settings, join
-from adaround_core.reconstruction.output_guard import GUARD_OUTPUT, OutputGuard, split_held_out
+from adaround_core.reconstruction.output_guard import OutputGuard, guarded_batches
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.rounding_mode import rounding_mode
@@ -102,10 +102,7 @@ def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], se
                         calls: dict[str, int], data: CalibrationBatches,
                         cfg: AdaRoundConfig, ranks: RankGroup | None) -> ReconstructionReport:
     float_model = float_reference(model)
-    training, guard = data, None
-    if cfg.guard == GUARD_OUTPUT:
-        training, held_out = split_held_out(data, cfg.guard_batches, cfg.seed)
-        guard = OutputGuard(model, float_model, held_out)
+    training, guard = guarded_batches(model, float_model, data, cfg)
     capturer = layer_capturer(model, float_model, selected, training, data.first(),
                               (QuantLayerMixin, FakeQuantize), ONE_PASS_CAPTURE)
     report = ReconstructionReport(capture_method=capturer.method, capture_note=capturer.note)
