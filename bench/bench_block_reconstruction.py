@@ -27,6 +27,9 @@ VARIANTS = {  # the wall-time comparison (layer, block) first
     "block + qdrop + lsq": {"granularity": "block", "drop_prob": 0.5, "activation_lr": 1e-4},
     "layer + lsq": {"activation_lr": 1e-4},
     "layer + qdrop": {"drop_prob": 0.5},
+    "block, guard output": {"granularity": "block", "guard": "output"},
+    "block + qdrop + lsq, guard output": {"granularity": "block", "drop_prob": 0.5,
+                                          "activation_lr": 1e-4, "guard": "output"},
 }
 
 
@@ -43,16 +46,17 @@ def run_variant(float_model: torch.nn.Module, calibration: list[torch.Tensor],
     with torch.no_grad():
         for batch in calibration:
             model(batch)
-    seconds = 0.0
+    seconds, kept_nearest = 0.0, None
     if config is not None:
         start = time.perf_counter()
-        q.weight_reconstruction(model, calibration, None,
-                                {"num_steps": steps, "progress": False, **config})
+        report = q.weight_reconstruction(model, calibration, None,
+                                         {"num_steps": steps, "progress": False, **config})
         seconds = time.perf_counter() - start
+        kept_nearest = [row.name for row in report if row.kept_nearest]
     q.set_fake_quantize(model, q.FakeQuantState.VALIDATION)
     with torch.no_grad():
         mse = (model(held_out) - float_model(held_out)).pow(2).mean().item()
-    return {"seconds": round(seconds, 2), "output_mse": mse}
+    return {"seconds": round(seconds, 2), "output_mse": mse, "kept_nearest": kept_nearest}
 
 
 def main() -> None:
@@ -72,8 +76,9 @@ def main() -> None:
     for name in args.variants:
         config = VARIANTS[name]
         results[name] = run_variant(float_model, calibration, held_out, config, args.steps)
-        print(f"{name:<22} {results[name]['seconds']:>8.2f} s  output MSE "
-              f"{results[name]['output_mse']:.4g}", flush=True)
+        print(f"{name:<34} {results[name]['seconds']:>8.2f} s  output MSE "
+              f"{results[name]['output_mse']:.4g}  units kept nearest: "
+              f"{results[name]['kept_nearest']}", flush=True)
     if "layer" in results and "block" in results:
         ratio = results["block"]["seconds"] / results["layer"]["seconds"]
         print(f"block / layer wall time: {ratio:.2f}")
