@@ -27,6 +27,9 @@ VARIANTS = {  # the wall-time comparison (layer, block) first
     "block + qdrop + lsq": {"granularity": "block", "drop_prob": 0.5, "activation_lr": 1e-4},
     "layer + lsq": {"activation_lr": 1e-4},
     "layer + qdrop": {"drop_prob": 0.5},
+    "block, guard output": {"granularity": "block", "guard": "output"},
+    "block + qdrop + lsq, guard output": {"granularity": "block", "drop_prob": 0.5,
+                                          "activation_lr": 1e-4, "guard": "output"},
 }
 
 
@@ -44,17 +47,19 @@ def run_variant(float_model: torch.nn.Module, calibration: list[torch.Tensor],
         for batch in calibration:
             model(batch)
     seconds = cpu_seconds = 0.0
+    kept_nearest = None
     if config is not None:
         start, cpu_start = time.perf_counter(), time.process_time()
-        q.weight_reconstruction(model, calibration, None,
-                                {"num_steps": steps, "progress": False, **config})
+        report = q.weight_reconstruction(model, calibration, None,
+                                         {"num_steps": steps, "progress": False, **config})
         seconds = time.perf_counter() - start
         cpu_seconds = time.process_time() - cpu_start
+        kept_nearest = [row.name for row in report if row.kept_nearest]
     q.set_fake_quantize(model, q.FakeQuantState.VALIDATION)
     with torch.no_grad():
         mse = (model(held_out) - float_model(held_out)).pow(2).mean().item()
     return {"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
-            "output_mse": mse}
+            "output_mse": mse, "kept_nearest": kept_nearest}
 
 
 def main() -> None:
@@ -74,9 +79,10 @@ def main() -> None:
     for name in args.variants:
         config = VARIANTS[name]
         results[name] = run_variant(float_model, calibration, held_out, config, args.steps)
-        print(f"{name:<22} {results[name]['seconds']:>8.2f} s  (CPU "
+        print(f"{name:<34} {results[name]['seconds']:>8.2f} s  (CPU "
               f"{results[name]['cpu_seconds']:.2f} s)  output MSE "
-              f"{results[name]['output_mse']:.4g}", flush=True)
+              f"{results[name]['output_mse']:.4g}  units kept nearest: "
+              f"{results[name]['kept_nearest']}", flush=True)
     if "layer" in results and "block" in results:
         ratios = [results["block"][k] / results["layer"][k] for k in ("seconds", "cpu_seconds")]
         print(f"block / layer wall time: {ratios[0]:.2f}, CPU time: {ratios[1]:.2f}")

@@ -37,15 +37,20 @@ def join_pipeline_ranks(params: PipelineParams) -> RankGroup | None:
     if group is None:
         return None
     check_same_settings(group, params.flat(), "params")
-    if params.adaround.trains_activations or params.adaround.granularity == "block":
-        raise PreflightError("params.yaml: adaround.granularity / drop_prob / activation_lr: "
-                             "under torchrun only plain layer-wise AdaRound runs "
-                             "data-parallel; run the others in one process")
+    check_data_parallel_settings(params)
     if params.runtime.task_runner != "threads":
         raise PreflightError("params.yaml: runtime.task_runner: under torchrun the layers are "
                              "rounded by the ranks; set it to threads")
     check_batch_divides(group, params)
     return group
+
+
+def check_data_parallel_settings(params: PipelineParams) -> None:
+    """Block reconstruction, QDrop and learned scales run in one process only."""
+    for key, value in params.adaround.single_process_settings.items():
+        raise PreflightError(f"params.yaml: adaround.{key}: {value!r} does not run under "
+                             f"torchrun (only layer-wise AdaRound without drop_prob / "
+                             f"activation_lr runs data-parallel); run it in one process")
 
 
 def check_batch_divides(group: RankGroup, params: PipelineParams) -> None:

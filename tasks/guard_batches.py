@@ -1,6 +1,7 @@
 """The pipeline's side of ``adaround.guard: output``: the calibration batches it holds out
 (the engine's split, so the pipeline rounds exactly as ``weight_reconstruction`` does), the
-batches the layers are cached and optimised on, and the guard of a layer's task."""
+batches the units are cached and optimised on, and the guard of a unit's task (a layer, a
+block, a layer with learned activation scales: each judged on the model's output)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def training_inputs(params: PipelineParams, dataset: Artifact) -> list[Any]:
 def guarded_layer_model(params: PipelineParams, dataset: Artifact, float_model: Artifact,
                         calibrated: Artifact, previous: Sequence[LayerResult],
                         ) -> tuple[nn.Module, OutputGuard | None]:
-    """A layer task's model (the earlier layers rounded) and, with ``guard: output``, the
+    """A unit task's model (the earlier units rounded) and, with ``guard: output``, the
     guard on it (the float model's outputs on the held-out batches computed here)."""
     if not guards_output(params):
         return calibrated_model(params, dataset, float_model, calibrated, previous), None

@@ -46,11 +46,12 @@ def round_layer(job: LayerJob, cache: Artifact, ranks: RankGroup | None = None) 
                                           device)
             report = reconstruct_unit(Unit(job.name, job.block, is_block=True),
                                       model.get_submodule(job.name), layers, samples, cfg,
-                                      generator)
+                                      generator, output_guard=guard)
         elif cfg.trains_activations:  # the engine's autograd unit path (QDrop, learned scales)
             samples = cached_layer_unit_samples(Path(cache.path), cfg.holdout_fraction,
                                                 generator, device)
-            report = reconstruct_layer_unit(job.name, layers, samples, cfg, generator)
+            report = reconstruct_layer_unit(job.name, layers, samples, cfg, generator,
+                                            output_guard=guard)
         else:
             samples = LayerSamples.from_cache(Path(cache.path), cfg.holdout_fraction,
                                               generator, device)

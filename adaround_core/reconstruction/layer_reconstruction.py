@@ -25,6 +25,7 @@ from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.soft_rounding import FusedAdam, SoftRounding
 from adaround_core.reconstruction.step_flops import step_flops
 from adaround_core.reconstruction.threads import intra_op_threads, layer_threads
+from adaround_core.reconstruction.unit_state import LEARNED, NEAREST, UnitState
 
 logger = logging.getLogger(__name__)
 
@@ -156,21 +157,22 @@ def reconstruct_layer(name: str, layer: QuantLayerMixin, samples: LayerSamples,
         rounded = optimise_rounding(layer, samples, cfg, generator, on_step, ranks)
         nearest_err = holdout_mse(layer, nearest, samples)
         adaround_err = holdout_mse(layer, rounded, samples)
-    output_errs = output_guard.compare(layer, nearest, rounded) if output_guard else None
+    state = UnitState()
+    state.add(layer.weight, nearest, rounded)
+    output_errs = output_guard.compare(state) if output_guard else None
     decision = decide(cfg.guard, (nearest_err, adaround_err), output_errs)
     if ranks is not None:  # no rank moves on (e.g. removes the samples) before all are done
         ranks.barrier(f"the end of layer {name}")
-    with torch.no_grad():
-        layer.weight.copy_(rounded if decision == ADAROUND else nearest)
+    state.write(LEARNED if decision == ADAROUND else NEAREST)
     report = LayerReport(name, nearest_err, adaround_err, decision, cfg.num_steps,
                          time.perf_counter() - start, threads, flops,
                          *(output_errs or (None, None)))
     logger.info("%s: output MSE nearest %.4g, adaround %.4g%s -> %s (%.2fs, %d thread(s), "
-                "%.3g FLOP/step)", name, nearest_err, adaround_err, _model_errors(output_errs),
+                "%.3g FLOP/step)", name, nearest_err, adaround_err, model_errors(output_errs),
                 report.decision, report.seconds, threads, flops)
     return report
 
 
-def _model_errors(errors: tuple[float, float] | None) -> str:
+def model_errors(errors: tuple[float, float] | None) -> str:
     return "" if errors is None else f"; model output MSE nearest {errors[0]:.4g}, " \
                                      f"adaround {errors[1]:.4g}"

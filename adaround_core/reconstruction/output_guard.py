@@ -1,15 +1,16 @@
 """The guard at the model's output (``guard: output``).
 
-After a unit (a layer) is rounded, the model's output on held-out calibration batches is
-compared with the float model's output, once with the unit's learned rounding and once with
-nearest rounding for it (every earlier unit as decided, every later one still nearest); the
-rounding with the smaller mean squared error is kept. A per-layer guard (``guard: layer``)
-sees only the layer's own output, and can keep roundings that each lower their layer's
-error yet raise the model's.
+After a unit (a layer, or a block's layers) is reconstructed, the model's output on held-out
+calibration batches is compared with the float model's output, once with the unit's learned
+state and once with its nearest state (:mod:`~.unit_state`: nearest rounding, calibrated
+activation scales), every earlier unit as decided, every later one still nearest; the state
+with the smaller mean squared error is kept as a whole. The unit's own guard (``guard: layer``)
+sees only the unit's output, and can keep roundings that each lower their unit's error yet
+raise the model's.
 
 The held-out batches are ``guard_batches`` whole calibration batches (a batch may be a tensor,
 a tuple or a dict, which cannot be split into samples in general), chosen by ``seed`` and
-left out of every layer's optimisation. The float model's outputs on them are computed once.
+left out of every unit's optimisation. The float model's outputs on them are computed once.
 Outputs may be tensors or any nesting of tuples, lists and dicts of tensors: the error is
 taken over every floating-point tensor in them.
 """
@@ -25,6 +26,8 @@ from torch import nn
 
 from adaround_core.calibration.batches import call_model
 from adaround_core.quant.model_modes import eval_mode
+from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
+from adaround_core.reconstruction.unit_state import LEARNED, NEAREST, UnitState
 from adaround_core.torch_private import tree_leaves
 
 logger = logging.getLogger(__name__)
@@ -113,20 +116,23 @@ class OutputGuard:
             total, count = total + batch_total, count + batch_count
         return total / count
 
-    @torch.no_grad()
-    def compare(self, layer: nn.Module, nearest: torch.Tensor,
-                rounded: torch.Tensor) -> tuple[float, float]:
-        """``(error with nearest, error with rounded)`` as ``layer``'s weight; the layer's
-        weight is left as it was."""
-        saved = layer.weight.detach().clone()
-        try:
-            errors = []
-            for weight in (nearest, rounded):
-                layer.weight.copy_(weight)
+    def compare(self, state: UnitState) -> tuple[float, float]:
+        """``(error with the unit's nearest state, error with its learned state)``; the
+        model is left as it was."""
+        errors = []
+        for which in (NEAREST, LEARNED):
+            with state.applied(which):
                 errors.append(self.error())
-        finally:
-            layer.weight.copy_(saved)
         return errors[0], errors[1]
+
+def guarded_batches(model: nn.Module, float_model: nn.Module, batches: Iterable[Any],
+                    cfg: AdaRoundConfig) -> tuple[Iterable[Any], OutputGuard | None]:
+    """The batches units are captured on, and the output guard on the held-out ones
+    (``guard: output``; otherwise every batch, and no guard)."""
+    if cfg.guard != GUARD_OUTPUT:
+        return batches, None
+    training, held_out = split_held_out(batches, cfg.guard_batches, cfg.seed)
+    return training, OutputGuard(model, float_model, held_out)
 
 
 def decide(guard: str, layer_errors: tuple[float, float],

@@ -12,6 +12,8 @@ from pydantic import Field, field_validator, model_validator
 
 from adaround_core.config import EngineConfig
 
+SINGLE_PROCESS_KEYS = ("granularity", "drop_prob", "activation_lr")
+
 
 class AdaRoundConfig(EngineConfig):
     """Settings of :func:`weight_reconstruction` (``docs/weight_reconstruction.md``)."""
@@ -30,9 +32,9 @@ class AdaRoundConfig(EngineConfig):
     batch_size: int | None = Field(None, ge=1, description="samples per step; None: the calibration batch size")
     seed: int = Field(0, description="seed of sampling and of the held-out split")
     guard: Literal["layer", "output", "off"] = Field(
-        "layer", description="keep nearest rounding where AdaRound is worse on held-out samples: "
-                             "the layer's output (layer) or the model's (output); True/False "
-                             "are read as layer/off")
+        "layer", description="keep a unit's nearest state where its learned one is worse on "
+                             "held-out samples: the unit's output (layer) or the model's "
+                             "(output); True/False are read as layer/off")
     guard_batches: int = Field(1, ge=1, description="calibration batches held out for guard=output")
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of cached samples kept for evaluation")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: chosen automatically")
@@ -49,6 +51,14 @@ class AdaRoundConfig(EngineConfig):
         """Whether the unit's activation fake-quants take part in the optimisation (QDrop or
         learned scales): such units need autograd through the whole unit."""
         return self.drop_prob > 0.0 or self.activation_lr is not None
+
+    @property
+    def single_process_settings(self) -> dict[str, Any]:
+        """The settings of block reconstruction, QDrop and learned scales that differ from
+        their defaults: only one process runs them (torchrun's data-parallel rounding
+        refuses them)."""
+        return {key: getattr(self, key) for key in SINGLE_PROCESS_KEYS
+                if getattr(self, key) != type(self).model_fields[key].default}
 
     @field_validator("exclude_prefix", "blocks", mode="before")
     @classmethod
@@ -72,13 +82,6 @@ class AdaRoundConfig(EngineConfig):
         if self.blocks is not None and self.granularity != "block":
             raise ValueError("'blocks' is given but granularity is 'layer'; "
                              "set granularity: block (or leave blocks out)")
-        return self
-
-    @model_validator(mode="after")
-    def _output_guard_needs_the_layer_path(self) -> AdaRoundConfig:
-        if self.guard == "output" and (self.granularity == "block" or self.trains_activations):
-            raise ValueError("guard: output works with granularity: layer and without "
-                             "drop_prob / activation_lr; use guard: layer with those")
         return self
 
     @field_validator("b_range", mode="before")

@@ -9,8 +9,9 @@ those quantizers compute instead (through :attr:`FakeQuantize.substitute`):
 * with ``drop_prob`` > 0, QDrop (:mod:`~adaround_core.quant.qdrop`): each element passes
   its float value instead with probability ``drop_prob``.
 
-Held-out evaluation uses the learned scales without dropping. :meth:`UnitActivations.write`
-puts the learned scales into the quantizers for good (frozen, like a rounded weight's scale).
+Held-out evaluation uses the learned scales without dropping. The learned scales go into
+the quantizers for good (frozen, like a rounded weight's scale) only when the unit keeps its
+learned state (:mod:`~.unit_state`).
 """
 
 from __future__ import annotations
@@ -69,10 +70,3 @@ class UnitActivations:
         step_all(self._adams)
         for scale in self.scales.values():
             scale.clamp_(min=SCALE_EPS)
-
-    @torch.no_grad()
-    def write(self) -> None:
-        """Put the learned scales into their quantizers and freeze them."""
-        for fq, scale in self.scales.items():
-            fq.scale.copy_(scale)
-            fq.freeze()

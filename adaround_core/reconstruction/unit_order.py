@@ -33,7 +33,7 @@ from adaround_core.reconstruction.layer_reconstruction import (
     layer_generator,
     reconstruct_layer,
 )
-from adaround_core.reconstruction.output_guard import OutputGuard
+from adaround_core.reconstruction.output_guard import OutputGuard, guarded_batches
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.unit_reconstruction import reconstruct_unit
@@ -46,14 +46,15 @@ def round_layer_unit(name: str, layers: dict[str, QuantLayerMixin], inputs: list
                      output_guard: OutputGuard | None = None,
                      ranks: RankGroup | None = None) -> LayerReport:
     """Round one layer from its captured inputs: fake-quantized ones for the fast path
-    (which takes ``output_guard`` and ``ranks``); with ``cfg.trains_activations``, the
-    inputs before its activation fake-quant."""
+    (which alone takes ``ranks``); with ``cfg.trains_activations``, the inputs before its
+    activation fake-quant."""
     generator = layer_generator(cfg.seed, name)
     if cfg.trains_activations:
         calls = [((x,), {}, y) for x, y in zip(inputs, targets, strict=True)]
         samples = unit_samples(name, calls, cfg.holdout_fraction, generator)
         del inputs, targets, calls
-        return reconstruct_layer_unit(name, layers, samples, cfg, generator, on_step)
+        return reconstruct_layer_unit(name, layers, samples, cfg, generator, on_step,
+                                      output_guard)
     samples = LayerSamples.from_tensors(inputs, targets, cfg.holdout_fraction, generator)
     del inputs, targets
     return reconstruct_layer(name, layers[name], samples, cfg, generator, on_step,
@@ -62,11 +63,12 @@ def round_layer_unit(name: str, layers: dict[str, QuantLayerMixin], inputs: list
 
 def reconstruct_layer_unit(name: str, layers: dict[str, QuantLayerMixin], samples: LayerSamples,
                            cfg: AdaRoundConfig, generator: torch.Generator,
-                           on_step: Callable[[int], None] | None = None) -> LayerReport:
+                           on_step: Callable[[int], None] | None = None,
+                           output_guard: OutputGuard | None = None) -> LayerReport:
     """One layer through the autograd unit path (its activation quantizer trained), from
     samples of its calls ``((x,), {})`` with ``x`` its input before ``input_fake_quant``."""
     return reconstruct_unit(Unit(name, (name,)), layers[name], layers, samples, cfg,
-                            generator, on_step)
+                            generator, on_step, output_guard)
 
 
 def block_calls(model: nn.Module, units: list[Unit], batch: Any) -> dict[str, int]:
@@ -89,10 +91,13 @@ def reconstruct_units(model: nn.Module, layers: dict[str, QuantLayerMixin], unit
                       calls: dict[str, int], data: CalibrationBatches,
                       cfg: AdaRoundConfig, one_pass: bool = True) -> ReconstructionReport:
     """Reconstruct ``units`` in order (model in rounding mode); the report, a row per unit.
-    ``one_pass``: capture by continuing one forward pass where the model allows it."""
+    ``one_pass``: capture by continuing one forward pass where the model allows it. With
+    ``guard: output`` the held-out batches are left out of every unit's capture and judge
+    each unit on the model's output."""
     float_model = float_reference(model)
-    capturer = layer_capturer(model, float_model, [u.name for u in units], data, data.first(),
-                              (QuantLayerMixin, FakeQuantize), one_pass,
+    training, guard = guarded_batches(model, float_model, data, cfg)
+    capturer = layer_capturer(model, float_model, [u.name for u in units], training,
+                              data.first(), (QuantLayerMixin, FakeQuantize), one_pass,
                               blocks=[u.name for u in units if u.is_block])
     report = ReconstructionReport(capture_method=capturer.method, capture_note=capturer.note)
     with closing(capturer), tqdm(total=len(units) * cfg.num_steps, unit="step",
@@ -102,20 +107,20 @@ def reconstruct_units(model: nn.Module, layers: dict[str, QuantLayerMixin], unit
             for name in unit.layers:
                 layers[name].freeze_weight_qparams()
             report.layers.append(_round_unit(model, capturer, layers, unit, calls, cfg,
-                                             lambda _: bar.update()))
+                                             lambda _: bar.update(), guard))
     return report
 
 
 def _round_unit(model: nn.Module, capturer: LayerCapturer, layers: dict[str, QuantLayerMixin],
                 unit: Unit, calls: dict[str, int], cfg: AdaRoundConfig,
-                on_step: Callable[[int], None]) -> LayerReport:
+                on_step: Callable[[int], None], guard: OutputGuard | None) -> LayerReport:
     if not unit.is_block:
         inputs, targets = capturer.capture_layer_io(unit.name, calls[unit.name],
                                                     quantize_input=not cfg.trains_activations)
-        return round_layer_unit(unit.name, layers, inputs, targets, cfg, on_step)
+        return round_layer_unit(unit.name, layers, inputs, targets, cfg, on_step, guard)
     generator = layer_generator(cfg.seed, unit.name)
     captured = list(capturer.iter_unit_calls(unit.name, calls[unit.name]))
     samples = unit_samples(unit.name, captured, cfg.holdout_fraction, generator)
     del captured
     return reconstruct_unit(unit, model.get_submodule(unit.name), layers, samples, cfg,
-                            generator, on_step)
+                            generator, on_step, guard)

@@ -8,9 +8,10 @@ of the unit's output against the float target, summed over the channel dimension
 unit's last layer and averaged over the rest (for one layer: exactly the layer path's
 loss), plus ``weight`` times the rounding regulariser summed over the unit's layers, on
 the layer path's β schedule. Adam (``lr``) steps every ``V``. At the end each ``V`` is
-hardened, the held-out output error of the unit with the learned rounding (and learned
-activation scales) is compared with nearest rounding (and the calibrated scales), and the
-better is written, as the layer path's guard does.
+hardened, and the unit's learned state (rounding and learned activation scales) is judged
+against its nearest state (nearest rounding, calibrated scales) by the unit's held-out
+output error (``guard: layer``) or the model's (``guard: output``); the better is written as
+a whole (:mod:`~.unit_state`), as on the layer path.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ from adaround_core.reconstruction.adaround_math import beta_at, reconstruction_l
 from adaround_core.reconstruction.layer_reconstruction import (
     HOLDOUT_CHUNK,
     LayerReport,
+    model_errors,
     nearest_weight,
 )
-from adaround_core.reconstruction.output_guard import ADAROUND, decide
+from adaround_core.reconstruction.output_guard import ADAROUND, OutputGuard, decide
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.step_flops import GEMMS_PER_STEP, forward_flops
 from adaround_core.reconstruction.threads import intra_op_threads, layer_threads
 from adaround_core.reconstruction.unit_activations import UnitActivations
 from adaround_core.reconstruction.unit_rounding import LayerRounding
+from adaround_core.reconstruction.unit_state import LEARNED, NEAREST, UnitState
 from adaround_core.reconstruction.units import Unit
 from adaround_core.torch_private import tree_leaves
 
@@ -123,9 +126,11 @@ def optimise_unit(module: nn.Module, roundings: dict[FakeQuantize, LayerRounding
 
 def reconstruct_unit(unit: Unit, module: nn.Module, layers: dict[str, QuantLayerMixin],
                      samples: LayerSamples, cfg: AdaRoundConfig, generator: torch.Generator,
-                     on_step: Callable[[int], None] | None = None) -> LayerReport:
+                     on_step: Callable[[int], None] | None = None,
+                     output_guard: OutputGuard | None = None) -> LayerReport:
     """Reconstruct ``unit`` (its layers' weight scales frozen) in place; report the outcome
-    under the unit's name."""
+    under the unit's name. With ``guard: output``, ``output_guard`` judges the unit's
+    learned state against its nearest one on the model's output."""
     start = time.perf_counter()
     unit_layers = [layers[name] for name in unit.layers]
     device = unit_layers[0].weight.device
@@ -145,18 +150,25 @@ def reconstruct_unit(unit: Unit, module: nn.Module, layers: dict[str, QuantLayer
         with substituted({fq: (lambda w, h=h: h) for fq, h in hard.items()}), \
                 activations.active(training=False):
             adaround_err = holdout_unit_mse(module, samples)
-    decision = decide(cfg.guard, (nearest_err, adaround_err), None)
-    keep_nearest = decision != ADAROUND
-    with torch.no_grad():
-        for layer in unit_layers:
-            layer.weight.copy_(nearest_weight(layer) if keep_nearest
-                               else hard[layer.weight_fake_quant])
-    if not keep_nearest:
-        activations.write()
+    state = _unit_state(unit_layers, hard, activations)
+    output_errs = output_guard.compare(state) if output_guard else None
+    decision = decide(cfg.guard, (nearest_err, adaround_err), output_errs)
+    state.write(LEARNED if decision == ADAROUND else NEAREST)
     report = LayerReport(unit.name, nearest_err, adaround_err, decision, cfg.num_steps,
-                         time.perf_counter() - start, threads, flops,
+                         time.perf_counter() - start, threads, flops, *(output_errs or (None, None)),
                          layers=unit.layers if unit.is_block else ())
-    logger.info("%s (%d layers): output MSE nearest %.4g, adaround %.4g -> %s (%.2fs)",
-                unit.name, len(unit.layers), nearest_err, adaround_err, report.decision,
-                report.seconds)
+    logger.info("%s (%d layers): output MSE nearest %.4g, adaround %.4g%s -> %s (%.2fs)",
+                unit.name, len(unit.layers), nearest_err, adaround_err,
+                model_errors(output_errs), report.decision, report.seconds)
     return report
+
+
+def _unit_state(unit_layers: list[QuantLayerMixin], hard: dict[FakeQuantize, torch.Tensor],
+                activations: UnitActivations) -> UnitState:
+    """The unit's nearest and learned states: its layers' weights, its learned scales."""
+    state = UnitState()
+    for layer in unit_layers:
+        state.add(layer.weight, nearest_weight(layer), hard[layer.weight_fake_quant])
+    for quantizer, scale in activations.scales.items():
+        state.add_learned_scale(quantizer, scale)
+    return state

@@ -20,7 +20,7 @@ from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
 from adaround_core.reconstruction.distributed import RankGroup, check_same_settings, join
-from adaround_core.reconstruction.output_guard import GUARD_OUTPUT, OutputGuard, split_held_out
+from adaround_core.reconstruction.output_guard import OutputGuard, guarded_batches
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.rounding_mode import rounding_mode
@@ -62,10 +62,10 @@ def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
         check_same_settings(ranks, cfg.model_dump(mode="json", exclude={"progress"}),
                             "custom_config_dict")
         cfg = cfg.model_copy(update={"progress": cfg.progress and ranks.rank == 0})
-        if cfg.granularity == "block" or cfg.trains_activations:
-            raise ValueError("custom_config_dict: under torchrun only granularity 'layer' "
-                             "without drop_prob / activation_lr runs data-parallel; run "
-                             "block reconstruction, QDrop and learned scales in one process")
+        for key, value in cfg.single_process_settings.items():
+            raise ValueError(f"custom_config_dict: {key}={value!r} does not run under "
+                             f"torchrun (only layer-wise AdaRound without drop_prob / "
+                             f"activation_lr runs data-parallel); run it in one process")
     data = CalibrationBatches(batches, batch_process_func, model_device(calib_model),
                               cfg.num_batches)
     data.check_all()
@@ -103,10 +103,7 @@ def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], se
                         calls: dict[str, int], data: CalibrationBatches,
                         cfg: AdaRoundConfig, ranks: RankGroup | None) -> ReconstructionReport:
     float_model = float_reference(model)
-    training, guard = data, None
-    if cfg.guard == GUARD_OUTPUT:
-        training, held_out = split_held_out(data, cfg.guard_batches, cfg.seed)
-        guard = OutputGuard(model, float_model, held_out)
+    training, guard = guarded_batches(model, float_model, data, cfg)
     capturer = layer_capturer(model, float_model, selected, training, data.first(),
                               (QuantLayerMixin, FakeQuantize), ONE_PASS_CAPTURE)
     report = ReconstructionReport(capture_method=capturer.method, capture_note=capturer.note)

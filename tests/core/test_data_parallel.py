@@ -87,6 +87,19 @@ def test_ranks_with_different_settings_are_refused_naming_the_key(tmp_path):
                for e in errors)
 
 
+@pytest.mark.parametrize(("key", "value"), [("granularity", "block"), ("drop_prob", 0.5),
+                                            ("activation_lr", 1e-3)])
+def test_block_reconstruction_qdrop_and_learned_scales_are_refused_naming_the_key(
+        tmp_path, key, value):
+    proc = _run(tmp_path / "out.pt", {**CONFIG, key: value})
+    assert proc.returncode != 0
+    errors = _error_lines(proc)
+    assert errors, proc.stderr[-4000:]  # every rank refuses, in one line
+    assert all(f"ValueError: custom_config_dict: {key}={value!r} does not run under torchrun"
+               in e and e.endswith("run it in one process") for e in errors), errors
+    assert not (tmp_path / "out.pt").exists()
+
+
 def test_a_rank_that_dies_fails_the_run_naming_it(tmp_path):
     proc = _run(tmp_path / "out.pt", CONFIG, "--die", "1:5")
     assert proc.returncode != 0

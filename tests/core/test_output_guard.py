@@ -1,5 +1,6 @@
-"""``guard: output``: each layer keeps AdaRound only where the model's output on held-out
-calibration batches is no further from float than with nearest rounding for it."""
+"""``guard: output``: each unit (a layer, a block, a layer with learned activation scales)
+keeps its learned state only where the model's output on held-out calibration batches is no
+further from float than with its nearest state."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import logging
 
 import pytest
 import torch
+from block_models import TinyResNet
 from torch import nn
 from torch.utils.data import DataLoader
 
+from adaround_core.quant.model_modes import float_reference
+from adaround_core.quant.quant_layers import quant_layers
 from adaround_core.quantization import (
     FakeQuantState,
     QConfig,
@@ -220,3 +224,92 @@ def test_an_output_without_float_tensors_is_an_error_naming_the_fix(h):
     with pytest.raises(ValueError, match="no floating-point tensor.*use guard: layer"):
         weight_reconstruction(q, batches, None, {"guard": "output", "progress": False})
     assert torch.equal(q.fc.weight, before)
+
+
+# ``guard: output`` on every unit kind: a block's layers, and a unit with learned activation
+# scales, are judged as a whole (learned state against nearest state) on the model's output.
+# Each case rounds a single unit (the others excluded) with ``guard: output`` and recomputes its
+# two candidate states directly: nearest is the calibrated model as it was; learned is the
+# same unit rounded with ``guard: off`` on the batches the guard did not hold out (the same
+# samples, so the same learned state). Both are judged by hand on the held-out batch.
+
+W3A4 = QConfig(weight_bits=3, activation_bits=4)
+UNIT_BATCHES, UNIT_SEED = 4, 0
+# The unit rounded (every other layer excluded) and its config; lr 2.0 over 3 steps makes a
+# rounding worse than nearest.
+STAGE_1 = ("stage.1", ["stem", "stage.0", "head"])
+CASES = {
+    "block": (*STAGE_1, {"granularity": "block"}),
+    "block, bad rounding": (*STAGE_1, {"granularity": "block", "lr": 2.0, "num_steps": 3}),
+    "learned scales": ("stage.0.conv2", ["stem", "stage.0.conv1", "stage.1", "head"],
+                       {"activation_lr": 1e-2}),
+    "block, learned scales, QDrop": ("stage.0", ["stem", "stage.1", "head"],
+                                     {"granularity": "block", "activation_lr": 1e-2,
+                                      "drop_prob": 0.5}),
+}
+
+
+def _calibrated_resnet(h):
+    torch.manual_seed(0)
+    batches = h.make_batches(UNIT_BATCHES, (4, 3, 8, 8))
+    q = prepare_qat_fx(TinyResNet().eval(), W3A4)
+    h.calibrate(q, batches)
+    return q, batches
+
+
+def _config(case: str, guard: str) -> dict:
+    _, excluded, extra = CASES[case]
+    return {"num_steps": 30, "progress": False, "seed": UNIT_SEED, "exclude_prefix": excluded,
+            "guard": guard, **extra}
+
+
+@torch.no_grad()
+def _output_mse(model, reference, batches) -> float:
+    set_fake_quantize(model, FakeQuantState.VALIDATION)
+    total = sum((model(b) - reference(b)).pow(2).sum().item() for b in batches)
+    return total / sum(reference(b).numel() for b in batches)
+
+
+@torch.no_grad()
+def _state(model) -> dict[str, torch.Tensor]:
+    """Each layer's weight as the model computes with it (on its grid), and every
+    quantizer's qparams."""
+    set_fake_quantize(model, FakeQuantState.VALIDATION)
+    weights = {f"{name}.weight": layer.weight_fake_quant(layer.weight)
+               for name, layer in quant_layers(model).items()}
+    qparams = {k: v.clone() for k, v in model.state_dict().items()
+               if k.endswith((".scale", ".zero_point"))}
+    return weights | qparams
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_output_guard_keeps_the_unit_state_with_the_smaller_model_output_error(h, case):
+    q, batches = _calibrated_resnet(h)
+    nearest, learned = copy.deepcopy(q), copy.deepcopy(q)
+    reference = float_reference(q)
+    held = held_out_indices(UNIT_BATCHES, 1, UNIT_SEED)
+    held_out = [b for i, b in enumerate(batches) if i in held]
+    training = [b for i, b in enumerate(batches) if i not in held]
+
+    [row] = weight_reconstruction(q, batches, None, _config(case, "output"))
+    weight_reconstruction(learned, training, None, _config(case, "off"))
+    nearest_err = _output_mse(nearest, reference, held_out)
+    learned_err = _output_mse(learned, reference, held_out)
+
+    assert row.name == CASES[case][0]
+    assert row.nearest_output_mse == pytest.approx(nearest_err, rel=1e-5)
+    assert row.adaround_output_mse == pytest.approx(learned_err, rel=1e-5)
+    kept = learned if learned_err <= nearest_err else nearest
+    assert row.decision == (ADAROUND if kept is learned else NEAREST_BY_OUTPUT)
+    expected = _state(kept)
+    assert [k for k, v in _state(q).items() if not torch.equal(v, expected[k])] == []
+
+
+def test_the_cases_see_both_decisions(h):
+    """The cases above exercise keeping the learned state and keeping nearest."""
+    decisions = set()
+    for case in ("block", "block, bad rounding"):
+        q, batches = _calibrated_resnet(h)
+        [row] = weight_reconstruction(q, batches, None, _config(case, "output"))
+        decisions.add(row.decision)
+    assert decisions == {ADAROUND, NEAREST_BY_OUTPUT}

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,28 @@ class PipelineHelpers:
             raise AssertionError(f"python -m flows {' '.join(args)} exited {proc.returncode}:"
                                  f"\n{proc.stdout[-6000:]}")
         return proc
+
+    @staticmethod
+    def run_and_kill(project: Path, api_url: str, ready: Callable[[], bool]) -> str:
+        """Start ``python -m flows adaround`` in ``project``; SIGKILL it as soon as
+        ``ready()`` (polled every 2 ms) is true; return its output."""
+        log = project / "killed.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "flows", "adaround"], cwd=project,
+                                    env=subprocess_env(api_url, PYTHONPATH=str(REPO)),
+                                    stdout=out, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 240
+            try:
+                while not ready():
+                    assert proc.poll() is None, f"finished before the kill:\n{log.read_text()}"
+                    assert time.monotonic() < deadline, "no progress"
+                    time.sleep(0.002)
+                proc.send_signal(signal.SIGKILL)
+            finally:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        return log.read_text()
 
     @staticmethod
     def layer_counts(output: str) -> tuple[int, int]:

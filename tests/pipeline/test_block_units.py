@@ -20,9 +20,13 @@ from tasks.planning import plan_layers
 from tasks.training import train_float_model
 
 BLOCKS = ["stage.0", "stage.1"]
+QDROP_LSQ = {"drop_prob": 0.5, "activation_lr": 1e-3}
 VARIANTS = {"block": {"granularity": "block"},
-            "block+qdrop+lsq": {"granularity": "block", "drop_prob": 0.5,
-                                "activation_lr": 1e-3}}
+            "block+qdrop+lsq": {"granularity": "block", **QDROP_LSQ},
+            "block+guard=output": {"granularity": "block", "guard": "output"},
+            "block+qdrop+lsq+guard=output": {"granularity": "block", "guard": "output",
+                                             **QDROP_LSQ}}
+OUTPUT_GUARDED = [name for name, variant in VARIANTS.items() if variant.get("guard") == "output"]
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -63,6 +67,17 @@ def test_the_pipeline_reconstructs_blocks_as_the_library_does(rounded, pipe):
     assert not differ, f"pipeline and library differ in {differ}"
 
 
+@pytest.mark.parametrize("rounded", OUTPUT_GUARDED, indirect=True)
+def test_the_output_guard_judges_each_unit_and_its_result_holds_what_was_kept(rounded):
+    *_, results = rounded
+    for result in results:
+        row = result.report
+        worse = row["adaround_output_mse"] > row["nearest_output_mse"]
+        assert row["decision"] == ("nearest(output)" if worse else "adaround"), row
+        scales = [k for k in load_tensors(Path(result.path)) if k.endswith("input_scale")]
+        assert not (worse and scales), f"{result.name} kept nearest yet stores {scales}"
+
+
 def test_a_run_resumes_at_the_first_unfinished_unit(rounded, pipe):
     params, _, inputs, results = rounded
     Path(results[2].path).unlink()  # killed after the first block
@@ -72,16 +87,22 @@ def test_a_run_resumes_at_the_first_unfinished_unit(rounded, pipe):
     assert [r.digest for r in again] == [r.digest for r in results]
 
 
-@pytest.mark.parametrize("rounded", ["block+qdrop+lsq"], indirect=True)  # one is enough
-def test_the_adaround_stage_rounds_blocks_and_a_rerun_reuses_every_unit(rounded, tmp_path,
-                                                                         prefect_server, pipe):
-    params, layout, _, results = rounded
+def _stage_project(params, tmp_path: Path) -> Path:
+    """A copy of the fixture's project with its data and checkpoints, no AdaRound yet."""
     project = Path(params.runtime.results_dir).parent
     copy = tmp_path / "stage"
     copy.mkdir()
     for sub in ("params.yaml", "data", "checkpoints"):
         (shutil.copytree if (project / sub).is_dir() else shutil.copy)(project / sub, copy / sub)
     (copy / "checkpoints" / "adaround.safetensors").unlink()
+    return copy
+
+
+@pytest.mark.parametrize("rounded", ["block+qdrop+lsq"], indirect=True)  # one is enough
+def test_the_adaround_stage_rounds_blocks_and_a_rerun_reuses_every_unit(rounded, tmp_path,
+                                                                         prefect_server, pipe):
+    params, layout, _, results = rounded
+    copy = _stage_project(params, tmp_path)
     first = pipe.run_flows(copy, "adaround", api_url=prefect_server).stdout
     assert pipe.layer_counts(first) == (len(results), 0)
     assert (copy / "checkpoints" / "adaround.safetensors").read_bytes() == \
@@ -97,6 +118,7 @@ def _remove(results, cache_dirs) -> None:
         shutil.rmtree(directory)
 
 
+@pytest.mark.parametrize("rounded", ["block"], indirect=True)
 def test_each_unit_continues_the_previous_units_pass_with_the_per_unit_results(
         rounded, pipe, monkeypatch, caplog):
     params, _, inputs, results = rounded
@@ -120,3 +142,30 @@ def test_each_unit_continues_the_previous_units_pass_with_the_per_unit_results(
     again = pipe.round_units(params, inputs)
     assert plan_layers.fn(params, *inputs).capture_method == "per_layer"
     assert [r.digest for r in again] == [r.digest for r in results]
+
+
+@pytest.mark.parametrize("rounded", ["block"], indirect=True)
+def test_a_stage_killed_after_the_first_block_resumes_without_recomputing_it(
+        rounded, tmp_path, prefect_server, pipe):
+    """SIGKILL once the first block's result is on disk; the rerun reuses every finished
+    unit (the block's result file untouched) and writes the uninterrupted checkpoint."""
+    params, layout, _, results = rounded
+    copy = _stage_project(params, tmp_path)
+    folder = copy / "results" / "layers"
+
+    def first_block_written() -> bool:
+        return folder.is_dir() and any(folder.glob(f"{BLOCKS[0]}--*.safetensors"))
+
+    pipe.run_and_kill(copy, prefect_server, first_block_written)
+    done = pipe.result_files(copy)
+    assert 0 < len(done) < len(results), "the kill did not land inside the run"
+    [block] = [folder / name for name in done if name.startswith(f"{BLOCKS[0]}--")]
+    block_bytes, block_mtime = block.read_bytes(), block.stat().st_mtime_ns
+
+    out = pipe.run_flows(copy, "adaround", api_url=prefect_server).stdout
+    assert pipe.layer_counts(out) == (len(results) - len(done), len(done))
+    assert f"{BLOCKS[0]}: result reused" in out
+    assert block.read_bytes() == block_bytes and block.stat().st_mtime_ns == block_mtime
+    assert (copy / "checkpoints" / "adaround.safetensors").read_bytes() == \
+        layout.adaround_checkpoint.read_bytes()
+    assert pipe.result_files(copy) == sorted(Path(r.path).name for r in results)

@@ -13,7 +13,8 @@ import pytest
 from conftest import REPO, subprocess_env
 
 from adaround_core.reconstruction.distributed import RankGroup
-from tasks.data_parallel import check_batch_divides
+from tasks.data_parallel import check_batch_divides, check_data_parallel_settings
+from tasks.params import PreflightError
 
 LAUNCHER = Path(__file__).with_name("ddp_launch.py")
 NUM_STEPS = 20  # TINY_PARAMS' adaround.num_steps
@@ -63,6 +64,28 @@ def test_ranks_started_with_different_params_are_refused_naming_the_key(tiny_pro
     assert all("params: adaround.lr differs between ranks (rank 0: 0.01, rank 1: 0.02)" in e
                for e in errors)
     assert not (tiny_project / "results").exists()
+
+
+def test_block_units_are_refused_under_torchrun_naming_the_key(tiny_project):
+    proc = _torchrun(tiny_project, "adaround", "-S", "adaround.granularity=block")
+    assert proc.returncode != 0
+    errors = _error_lines(proc.stdout)
+    assert errors, proc.stdout[-3000:]
+    assert all(e.startswith("error: params.yaml: adaround.granularity: 'block' does not run "
+                            "under torchrun") for e in errors), errors
+    assert not (tiny_project / "results").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("granularity", "block"), ("drop_prob", 0.5),
+                                            ("activation_lr", 0.001)])
+def test_each_single_process_setting_is_refused_naming_its_key(tmp_path, pipe, key, value):
+    """The check every rank makes on joining (the test above runs it under torchrun)."""
+    params = pipe.params(pipe.project(tmp_path, overrides={"adaround": {key: value}}))
+    with pytest.raises(PreflightError) as err:
+        check_data_parallel_settings(params)
+    message = str(err.value)
+    assert message.startswith(f"params.yaml: adaround.{key}: {value!r} does not run under "
+                              f"torchrun") and "\n" not in message, message
 
 
 @pytest.mark.parametrize(("overrides", "source"), [

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +27,6 @@ def _finished(project: Path, trigger: str) -> int:
     return sum(1 for p in folder.iterdir() if not p.name.startswith(".") and wanted(p))
 
 
-def _run_and_kill(project: Path, api_url: str, trigger: str, count: int) -> str:
-    """Start the adaround stage; SIGKILL it once ``count`` results (or activation caches)
-    are on disk; return its output."""
-    log = project / "killed.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows", "adaround"], cwd=project,
-                                env=subprocess_env(api_url, PYTHONPATH=str(REPO)),
-                                stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        try:
-            while _finished(project, trigger) < count:
-                assert proc.poll() is None, f"finished before the kill:\n{log.read_text()}"
-                assert time.monotonic() < deadline, "no progress"
-                time.sleep(0.002)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return log.read_text()
-
-
 def _corrupt_frontiers(project: Path) -> int:
     """Flip a byte in every saved frontier file (the passes one layer's capture leaves for
     the next); returns how many directories were hit."""
@@ -74,7 +47,7 @@ def test_killed_run_resumes_redoing_at_most_the_layer_in_flight(
         tmp_path, tiny_checkpoints, prefect_server, pipe, reference, trigger, count, damage):
     ref_checkpoint, ref_results = reference
     project = pipe.project(tmp_path / "p", tiny_checkpoints)
-    _run_and_kill(project, prefect_server, trigger, count)
+    pipe.run_and_kill(project, prefect_server, lambda: _finished(project, trigger) >= count)
     if damage:  # the next layer's capture cannot continue: it starts from the input
         assert _corrupt_frontiers(project) > 0
 
