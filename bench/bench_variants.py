@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from adaround_core import quantization as q
 from examples.chain import calibrate
 
-QDROP, LSQ = 0.5, 1e-4  # QDrop's paper rate; the learned scales' learning rate
+QDROP, LSQ = 0.5, 1e-2  # QDrop's paper rate; the learned scales' rate (relative to each scale)
 VARIANTS = {
     "layer": {},
     "block": {"granularity": "block"},

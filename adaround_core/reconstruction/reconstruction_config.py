@@ -44,7 +44,7 @@ class AdaRoundConfig(EngineConfig):
         "layer", description="reconstruct each layer, or each block (BRECQ) with its layers jointly")
     blocks: list[str] | None = Field(None, description="block module names; None: found automatically")
     drop_prob: float = Field(0.0, ge=0.0, lt=1.0, description="QDrop: chance an activation stays float")
-    activation_lr: float | None = Field(None, gt=0.0, description="Adam lr of learned activation scales (LSQ); None: off")
+    activation_lr: float | None = Field(None, gt=0.0, description="learned activation scales (LSQ): Adam lr relative to each calibrated scale; None: off")
 
     @property
     def trains_activations(self) -> bool:
