@@ -85,7 +85,7 @@ def test_an_example_runs_through_the_pipeline(tmp_path, pipe, prefect_server, ex
 
 
 @needs_extra
-@pytest.mark.timeout(900)  # seven stage processes: ~7 min measured on 2 shared, busy cores
+@pytest.mark.timeout(900)  # seven stage processes: 3-7 min measured on 2 shared, busy cores
 def test_dvc_repro_of_the_vision_example(tmp_path, prefect_server):
     root = tmp_path / "repo"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "data", "checkpoints", "cache",
