@@ -51,3 +51,17 @@ def print_result(title: str, result: ChainResult) -> None:
     print(f"\n{title}")
     print(result.format())
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+
+
+def run_and_print(name: str, model, data, metric, args: argparse.Namespace,
+                  data_description: str) -> ChainResult:
+    """``quantize_and_compare(model, data, metric, ...)`` (a float ``nn.Module``, its
+    ``{"calibration", "evaluation"}`` Datasets, a metric) with the options' settings, then
+    ``print_result`` under the title "NAME WxAy, DATA_DESCRIPTION, N steps per layer"."""
+    from examples.chain import quantize_and_compare
+
+    result = quantize_and_compare(model, data, metric, qconfig_from(args),
+                                  adaround_config_from(args), args.batch_size)
+    precision = f"W{args.weight_bits}A{args.activation_bits or 'float'}"
+    print_result(f"{name} {precision}, {data_description}, {args.steps} steps per layer", result)
+    return result

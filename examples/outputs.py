@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -25,7 +26,14 @@ def paired_outputs(model: nn.Module, float_model: nn.Module,
 
 def run_model(model: nn.Module, batch: Any) -> torch.Tensor:
     """A dict batch as keyword arguments, a tensor as the one argument, on the model's device."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     if isinstance(batch, dict):
         return model(**{k: v.to(device) for k, v in batch.items()})
     return model(batch.to(device))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer; the CPU for a model with neither
+    (the pipeline's ONNX Runtime module)."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from examples.chain import quantize_and_compare
-from examples.cli import adaround_config_from, add_quantization_options, print_result, qconfig_from
+from examples.cli import add_quantization_options, run_and_print
 from examples.minilm.data import stdlib_text
 from examples.minilm.metrics import embedding_agreement
 from examples.minilm.model import minilm
@@ -22,12 +21,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data = stdlib_text(args.num_calibration, args.num_evaluation, args.max_length, args.seed)
-    result = quantize_and_compare(minilm(), data, embedding_agreement, qconfig_from(args),
-                                  adaround_config_from(args), args.batch_size)
-    activations = args.activation_bits or "float"
-    print_result(f"all-MiniLM-L6-v2 W{args.weight_bits}A{activations}, {args.num_calibration} "
-                 f"calibration / {args.num_evaluation} evaluation sentences, "
-                 f"{args.steps} steps per layer", result)
+    run_and_print("all-MiniLM-L6-v2", minilm(), data, embedding_agreement, args,
+                  f"{args.num_calibration} calibration / {args.num_evaluation} evaluation "
+                  "sentences")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from examples.chain import quantize_and_compare
-from examples.cli import adaround_config_from, add_quantization_options, print_result, qconfig_from
+from examples.cli import add_quantization_options, run_and_print
 from examples.vision import models
 from examples.vision.data import photo_crops
 from examples.vision.metrics import output_agreement
@@ -29,12 +28,9 @@ def main() -> None:
     model = ARCHITECTURES[args.model](weights=args.weights, seed=args.seed,
                                       image_size=args.image_size)
     data = photo_crops(args.num_calibration, args.num_evaluation, args.image_size, args.seed)
-    result = quantize_and_compare(model, data, output_agreement, qconfig_from(args),
-                                  adaround_config_from(args), args.batch_size)
-    activations = args.activation_bits or "float"
-    print_result(f"{args.model} W{args.weight_bits}A{activations} at {args.image_size}px, "
-                 f"{args.num_calibration} calibration / {args.num_evaluation} evaluation crops, "
-                 f"{args.steps} steps per layer", result)
+    run_and_print(args.model, model, data, output_agreement, args,
+                  f"{args.image_size}px, {args.num_calibration} calibration / "
+                  f"{args.num_evaluation} evaluation crops")
 
 
 if __name__ == "__main__":

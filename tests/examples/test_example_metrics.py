@@ -62,3 +62,24 @@ def test_vision_metric_of_the_float_model_is_perfect_and_drops_for_another_model
         "top1_agreement": 1.0, "output_snr_db": SNR_CAP_DB}
     worse = output_agreement(other, loader, float_model=model)
     assert worse["top1_agreement"] < 1.0 and worse["output_snr_db"] < 10.0
+
+
+class NoParameters(nn.Module):
+    """A model with neither parameters nor buffers, as the pipeline's ONNX Runtime module."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.call = inner.__call__  # a bound method: no submodule, no parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call(x)
+
+
+def test_a_model_without_parameters_is_scored_on_the_cpu():
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(16, 6)), batch_size=8,
+                        collate_fn=lambda rows: torch.stack([r[0] for r in rows]))
+    model = nn.Linear(6, 10)
+    wrapped = NoParameters(model)
+    assert list(wrapped.parameters()) == [] and list(wrapped.buffers()) == []
+    assert output_agreement(wrapped, loader, float_model=model)["top1_agreement"] == 1.0
