@@ -24,12 +24,12 @@ VARIANTS = {  # the wall-time comparison (layer, block) first
     "nearest": None,
     "layer": {},
     "block": {"granularity": "block"},
-    "block + qdrop + lsq": {"granularity": "block", "drop_prob": 0.5, "activation_lr": 1e-4},
-    "layer + lsq": {"activation_lr": 1e-4},
+    "block + qdrop + lsq": {"granularity": "block", "drop_prob": 0.5, "activation_lr": 1e-2},
+    "layer + lsq": {"activation_lr": 1e-2},
     "layer + qdrop": {"drop_prob": 0.5},
     "block, guard output": {"granularity": "block", "guard": "output"},
     "block + qdrop + lsq, guard output": {"granularity": "block", "drop_prob": 0.5,
-                                          "activation_lr": 1e-4, "guard": "output"},
+                                          "activation_lr": 1e-2, "guard": "output"},
 }
 
 
