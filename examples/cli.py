@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from adaround_core import quantization as q
-from examples.chain import ChainResult
+from examples.chain import ChainResult, quantize_and_compare
 
 
 def add_quantization_options(parser: argparse.ArgumentParser, steps: int) -> None:
@@ -58,8 +58,6 @@ def run_and_print(name: str, model, data, metric, args: argparse.Namespace,
     """``quantize_and_compare(model, data, metric, ...)`` (a float ``nn.Module``, its
     ``{"calibration", "evaluation"}`` Datasets, a metric) with the options' settings, then
     ``print_result`` under the title "NAME WxAy, DATA_DESCRIPTION, N steps per layer"."""
-    from examples.chain import quantize_and_compare
-
     result = quantize_and_compare(model, data, metric, qconfig_from(args),
                                   adaround_config_from(args), args.batch_size)
     precision = f"W{args.weight_bits}A{args.activation_bits or 'float'}"
