@@ -188,8 +188,9 @@ def test_a_stage_failing_under_dvc_says_how_to_restore_its_outputs(dvc_project, 
 
 
 def test_the_committed_dvc_lock_matches_the_committed_code(tmp_path):
-    """In a clone of the last commit, no code or params dependency differs from dvc.lock
-    (outputs are absent there: DVC data is not in git)."""
+    """In a clone of the last commit, no code or params dependency of the root pipeline
+    differs from dvc.lock (outputs are absent there: DVC data is not in git; the examples'
+    pipelines, ``examples/*/dvc.yaml``, have no committed lock: theirs is the user's run)."""
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     clone = tmp_path / "clone"
@@ -198,6 +199,7 @@ def test_the_committed_dvc_lock_matches_the_committed_code(tmp_path):
     tracked = set(run_cmd(["git", "ls-files"], clone, env).stdout.split())
     status = json.loads(run_cmd([f"{VENV_BIN}/dvc", "status", "--json"], clone, env).stdout)
     stale = sorted(f"{stage}: {path} {state}" for stage, entries in status.items()
+                   if "dvc.yaml:" not in stage  # the root's stages are bare names
                    for entry in entries if isinstance(entry, dict)
                    for path, state in entry.get("changed deps", {}).items()
                    if path in tracked)
