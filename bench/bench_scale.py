@@ -55,7 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=512, help="calibration samples")
     p.add_argument("--steps", type=int, default=100, help="AdaRound steps per layer")
     p.add_argument("--bits", default="4,8", help="weight,activation bit widths")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    p.add_argument("--adaround-batch-size", type=int, default=None,
+                   help="samples per AdaRound step (default: the pipeline's, the "
+                        "calibration batch size)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="the run's directory (default: bench/results/scale/<model>_<samples>)")
     p.add_argument("--out", type=Path, default=None, help="JSON (default: <workdir>.json)")
@@ -74,7 +77,7 @@ def pipeline_params(args: argparse.Namespace, workdir: Path) -> dict:
     params["quant"].update(weight_bits=weight_bits, activation_bits=activation_bits,
                            weight_observer="minmax")
     params["calibration"] = {"batch_size": args.batch_size, "num_samples": args.samples}
-    params["adaround"].update(num_steps=args.steps, batch_size=8,
+    params["adaround"].update(num_steps=args.steps, batch_size=args.adaround_batch_size,
                               num_batches=-(-args.samples // args.batch_size))
     params["eval"].update(metric=metric, batch_size=args.batch_size)
     params["tracking"]["enabled"] = False
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = machine_rates(repeats=5)
     result = {
         "model": args.model, "samples": args.samples, "steps": args.steps, "bits": args.bits,
+        "step_batch": args.adaround_batch_size or args.batch_size,
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch": torch.__version__,
                     "rates_flops": rates},

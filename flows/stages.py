@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -24,6 +25,7 @@ from tasks.activation_cache import (
     remove_used_frontiers,
 )
 from tasks.artifacts import Artifact, LayerPlan, LayerResult
+from tasks.cache_removal import finish_removals
 from tasks.calibration import calibrate
 from tasks.data import prepare_data
 from tasks.disk_budget import check_cache_space
@@ -82,6 +84,7 @@ def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifa
     plan = plan_layers(params, dataset, float_model, calibrated)
     check_cache_space(params, plan.cache_bytes)  # before any layer is touched
     remove_partial_results(params)
+    finish_removals(Path(params.runtime.cache_dir))  # what a killed run left in the trash
     progress_id = create_progress_artifact(0.0, key="adaround-layers",
                                            description="layers rounded")
     results: list[LayerResult] = []
@@ -102,6 +105,7 @@ def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifa
             remove_used_frontiers(job)  # left by a killed run; nothing continues them now
         results.append(result)
         update_progress_artifact(progress_id, 100.0 * (i + 1) / len(plan.names))
+    finish_removals(Path(params.runtime.cache_dir))
     return plan, results
 
 

@@ -25,6 +25,7 @@ from adaround_core.calibration.sample_store import (
 from adaround_core.calibration.unit_store import write_unit_cache
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.artifacts import Artifact
+from tasks.cache_removal import remove_in_background, wait_for_removals
 from tasks.capture import open_capture
 from tasks.failures import disk_problem, pipeline_task
 from tasks.guard_batches import training_inputs
@@ -96,23 +97,42 @@ def _saved_frontiers(directory: Path) -> bool:
 
 def _capture(job: LayerJob, tmp: Path, model: nn.Module, reference: nn.Module,
              temporaries: list[Path]) -> tuple[int, str]:
-    """Write the job's cache into ``tmp`` (models in rounding mode; frontiers saved for the
-    next unit are published at once); the number of rows (a block's: of calls) and where
-    capture started."""
+    """Write the job's cache into ``tmp`` (models in rounding mode); the number of rows (a
+    block's: of calls) and where capture started. Continued frontiers that fail their
+    checksum midway are deleted and the capture starts over from the model input."""
     batches = training_inputs(job.params, job.dataset)
+    try:
+        return _capture_once(job, tmp, model, reference, batches, temporaries)
+    except CorruptCacheError as err:
+        upstream = job.upstream_frontier_dir()
+        if upstream is None or not upstream.exists():
+            raise
+        run_logger(__name__).warning("%s: frontiers %s are unusable (%s: %s); deleted, the "
+                                     "pass starts from the model input", job.name, upstream,
+                                     type(err).__name__, err)
+        shutil.rmtree(upstream, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return _capture_once(job, tmp, model, reference, batches, temporaries)
+
+
+def _capture_once(job: LayerJob, tmp: Path, model: nn.Module, reference: nn.Module,
+                  batches: list, temporaries: list[Path]) -> tuple[int, str]:
+    """One capture into ``tmp``; with one-pass capture the frontiers for the next unit are
+    written alongside, batch by batch, and published at the end."""
     capture = open_capture(job, model, reference, batches)
     try:
-        if job.block:
-            rows = write_unit_cache(tmp, capture.calls())
-        else:
-            rows = write_layer_cache(tmp, capture.pairs())
+        frontiers = None
         if capture.saves_frontiers:
             frontiers = _temporary(job.frontier_dir())
             temporaries.append(frontiers)
-            capture.save(frontiers)
-            _publish(frontiers, job.frontier_dir(), _saved_frontiers)
+            capture.stream_frontiers(frontiers)
+        rows = (write_unit_cache(tmp, capture.calls()) if job.block
+                else write_layer_cache(tmp, capture.pairs()))
     finally:
         capture.close()
+    if frontiers is not None:
+        _publish(frontiers, job.frontier_dir(), _saved_frontiers)
     return rows, capture.source
 
 
@@ -121,10 +141,11 @@ def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
     passes for the next layer first); the number of rows and where capture started."""
     temporaries: list[Path] = []
     try:
-        tmp = _temporary(directory)
-        temporaries.append(tmp)
         model, reference = layer_models(job.params, job.dataset, job.float_model,
                                         job.calibrated, job.previous)
+        wait_for_removals()  # the previous layer's cache is off the disk before this one
+        tmp = _temporary(directory)
+        temporaries.append(tmp)
         with rounding_mode(model, job.params.adaround.num_threads):
             written = _capture(job, tmp, model, reference, temporaries)
         _publish(tmp, directory)
@@ -153,14 +174,15 @@ def cache_layer_activations(job: LayerJob) -> Artifact:
 
 
 def remove_layer_cache(job: LayerJob) -> None:
-    """Delete the layer's activation cache (its result is written; ``runtime.keep_cache``
-    keeps it for runs that change only AdaRound settings)."""
-    shutil.rmtree(job.cache_dir(), ignore_errors=True)
+    """Delete the layer's activation cache, in the background (its result is written;
+    ``runtime.keep_cache`` keeps it for runs that change only AdaRound settings)."""
+    remove_in_background(job.cache_dir(), Path(job.params.runtime.cache_dir))
 
 
 def remove_used_frontiers(job: LayerJob) -> None:
-    """Delete the frontiers the job's capture continued from (its cache exists now; no
-    other layer continues them; ``runtime.keep_cache`` keeps them like the caches)."""
+    """Delete the frontiers the job's capture continued from, in the background (its cache
+    exists now; no other layer continues them; ``runtime.keep_cache`` keeps them like the
+    caches)."""
     directory = job.upstream_frontier_dir()
     if directory is not None:
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_in_background(directory, Path(job.params.runtime.cache_dir))

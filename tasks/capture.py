@@ -6,7 +6,9 @@ graph can be cut before each layer and reproduces the eager pass bit for bit, th
 layers' tasks share one forward pass of each model over the calibration set. Layer
 ``k``'s task continues the passes its predecessor saved at layer ``k-1``'s boundary
 (:meth:`LayerJob.upstream_frontier_dir`), captures layer ``k``, and leaves the passes
-paused at its own boundary for layer ``k+1`` (:meth:`LayerCapture.save`). Without a
+paused at its own boundary for layer ``k+1`` (:meth:`LayerCapture.stream_frontiers`:
+each batch's paused passes are written as the batch is captured, so a task holds one
+batch at a time and serialises each frontier once). Without a
 usable saved boundary (the first layer, a deleted or corrupt one) the pass starts at
 the model's input: one partial pass, the same tensors. Where the graph cannot be cut,
 every task captures its layer with a partial pass per batch (the per-layer method), as
@@ -95,15 +97,16 @@ class LayerCapture:
 
     @property
     def saves_frontiers(self) -> bool:
-        """Whether a later layer can continue this capture (read :meth:`pairs` first)."""
-        return self.one_pass is not None and bool(self.one_pass.pending)
+        """Whether a later layer continues this capture (ask before reading the layer)."""
+        return self.one_pass is not None and len(self.one_pass.pending) > 1
 
-    def save(self, directory: Path) -> None:
+    def stream_frontiers(self, directory: Path) -> None:
         """Write the passes, paused at this layer's boundary, into ``directory`` (existing,
-        empty), with this layer's cache key."""
+        empty) with this layer's cache key, batch by batch as :meth:`pairs` (or
+        :meth:`calls`) is read; the directory is complete when that ends."""
         assert self.one_pass is not None
         (directory / KEY_FILE).write_text(self.job.cache_key)
-        self.one_pass.save(directory)
+        self.one_pass.stream_to(directory)
 
     def close(self) -> None:
         if self.one_pass is not None:

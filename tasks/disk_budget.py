@@ -56,7 +56,8 @@ def layer_cache_bytes(model: nn.Module, names: Sequence[str],
     finally:
         for handle in handles:
             handle.remove()
-    scale = sum(_rows(b) for b in batches) / _rows(batches[0])
+    total = getattr(batches, "num_samples", None) or sum(_rows(b) for b in batches)
+    scale = total / _rows(batches[0])
     return {name: int(first[name] * scale) for name in names}
 
 

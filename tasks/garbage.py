@@ -4,7 +4,8 @@ What is reachable is found as the adaround stage finds it: the layer plan is wal
 order, each layer's key depending on the rounded weights of the layers before it. The walk
 stops at the first layer without a valid result, since later layers' keys are unknown until
 it is rounded. Everything else under ``<cache_dir>/activations``, ``<cache_dir>/frontiers``
-(the forward passes one layer's capture leaves for the next) and ``<results_dir>/layers``
+(the forward passes one layer's capture leaves for the next), ``<cache_dir>/trash`` (finished
+caches a killed run had not finished deleting) and ``<results_dir>/layers``
 (leftover temporary files and directories included) is garbage. Call under the output lock:
 a run in progress writes temporary files there.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.artifacts import Artifact, LayerResult
+from tasks.cache_removal import TRASH
 from tasks.layer_jobs import LayerJob, plan_job
 from tasks.layer_results import valid_result
 from tasks.layout import Layout, existing
@@ -76,6 +78,7 @@ def find_garbage(params: PipelineParams) -> list[Garbage]:
     keep = reachable_paths(params)
     roots = (Path(params.runtime.cache_dir) / "activations",
              Path(params.runtime.cache_dir) / "frontiers",
+             Path(params.runtime.cache_dir) / TRASH,  # left by a run killed mid-deletion
              Path(params.runtime.results_dir) / "layers")
     return [Garbage(path, _size(path)) for root in roots if root.is_dir()
             for path in sorted(root.iterdir()) if path not in keep]

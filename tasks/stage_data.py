@@ -7,7 +7,7 @@ again and streamed, and its calibration samples are checked against the manifest
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,39 @@ class TensorBatches:
         return -(-len(self.x) // self.batch_size)
 
 
+class CalibrationBatches(Sequence):
+    """A ``datasets`` source's calibration batches, read from the source each time they are
+    iterated (never all in memory: a 224 px image set of 1024 samples is 0.6 GB); item
+    ``i`` reads the first ``i + 1`` batches. ``num_samples`` is the data stage's count."""
+
+    def __init__(self, data: StageData, device: torch.device) -> None:
+        self.data, self.device = data, device
+        self.num_samples = data.manifest["calibration"]["samples"]
+        self._len: int | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        count = 0
+        for batch in self.data.stream_calibration(self.device):
+            count += 1
+            yield batch
+        self._len = count
+
+    def __len__(self) -> int:
+        if self._len is None:
+            self._len = sum(1 for _ in self)
+        return self._len
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(self)[index]
+        if index < 0:
+            index += len(self)
+        for i, batch in enumerate(self):
+            if i == index:
+                return batch
+        raise IndexError(f"calibration batch {index} out of range")
+
+
 class StageData:
     """One dataset artifact (the manifest) opened for a stage."""
 
@@ -57,20 +90,25 @@ class StageData:
             source_kind(self._source, params.data.source)
         self._process = batch_processor(params) if self.kind == "datasets" else None
 
-    def calibration(self, device: torch.device) -> list[Any]:
+    def calibration(self, device: torch.device) -> Sequence[Any]:
         """The calibration set as model inputs on ``device``, in ``calibration.batch_size``
-        batches."""
+        batches: a list for tensors, else :class:`CalibrationBatches` (streamed)."""
         cfg = self.params.calibration
         if self.kind == "tensors":
             calib = self._tensors["calib_x"][: cfg.num_samples].to(device)
             return list(calib.split(cfg.batch_size))
-        digest, batches = RowDigest(), []
+        return CalibrationBatches(self, device)
+
+    def stream_calibration(self, device: torch.device) -> Iterator[Any]:
+        """The source's calibration batches, processed, on ``device``, one at a time; after
+        the last one, checked against the manifest's digest."""
+        cfg = self.params.calibration
+        digest = RowDigest()
         for i, batch in enumerate(head(loader(self._source["calibration"], cfg.batch_size),
                                        cfg.num_samples)):
             digest.update(batch)
-            batches.append(to_device(self._process(batch), device, i))
+            yield to_device(self._process(batch), device, i)
         self._check_unchanged("calibration", digest)
-        return batches
 
     def _check_unchanged(self, split: str, digest: RowDigest) -> None:
         if digest.hexdigest() != self.manifest[split]["sha256"]:

@@ -14,6 +14,8 @@ process can continue the pass from there: the pipeline's per-layer tasks.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from adaround_core.calibration.sample_store import CorruptCacheError, file_sha256
+from adaround_core.calibration.sample_store import CorruptCacheError
 from adaround_core.calibration.segmented_forward import Frontier
 
 # Frontier bytes kept in memory per model before spilling to disk: small models
@@ -84,28 +86,62 @@ class FrontierStore:
             self._directory = None
 
 
+class FrontierWriter:
+    """Writes one layer boundary's frontiers under ``directory`` (existing, empty) as they
+    come, each serialised and checksummed in memory (no second read); :meth:`finish`
+    writes the manifest that makes the directory valid."""
+
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.directory, self.fingerprint = Path(directory), fingerprint
+        self._files: list[dict] = []
+        self._positions: set[int] = set()
+
+    def write(self, frontier: Frontier) -> None:
+        buffer = io.BytesIO()
+        torch.save(frontier.values, buffer)
+        data = buffer.getbuffer()
+        name = f"frontier_{len(self._files):05d}.pt"
+        tmp = self.directory / f".{name}.tmp"
+        with open(tmp, "wb") as f:  # no fsync: the checksum catches a torn write on use
+            f.write(data)
+        os.replace(tmp, self.directory / name)
+        self._files.append({"file": name, "sha256": hashlib.sha256(data).hexdigest()})
+        self._positions.add(frontier.position)
+
+    def finish(self) -> int:
+        """Write the manifest; the number of frontiers written."""
+        if len(self._positions) > 1:
+            raise ValueError(f"frontiers at different positions {sorted(self._positions)}; "
+                             f"save one layer boundary at a time")
+        manifest = {"graph": self.fingerprint,
+                    "position": min(self._positions) if self._positions else 0,
+                    "files": self._files}
+        tmp = self.directory / f".{FRONTIER_MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, self.directory / FRONTIER_MANIFEST)
+        return len(self._files)
+
+
 def save_frontiers(directory: Path, frontiers: Iterable[Frontier], fingerprint: str) -> int:
     """Write every batch's frontier of one layer boundary under ``directory`` (existing,
     empty), then the manifest that makes it valid. Returns the number of batches."""
-    directory = Path(directory)
-    files = []
-    positions = set()
-    for i, frontier in enumerate(frontiers):
-        name = f"frontier_{i:05d}.pt"
-        tmp = directory / f".{name}.tmp"
-        torch.save(frontier.values, tmp)
-        os.replace(tmp, directory / name)
-        files.append({"file": name, "sha256": file_sha256(directory / name)})
-        positions.add(frontier.position)
-    if len(positions) > 1:
-        raise ValueError(f"frontiers at different positions {sorted(positions)}; save one "
-                         f"layer boundary at a time")
-    manifest = {"graph": fingerprint, "position": positions.pop() if positions else 0,
-                "files": files}
-    tmp = directory / f".{FRONTIER_MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, directory / FRONTIER_MANIFEST)
-    return len(files)
+    writer = FrontierWriter(directory, fingerprint)
+    for frontier in frontiers:
+        writer.write(frontier)
+    return writer.finish()
+
+
+def frontier_manifest(directory: Path, fingerprint: str) -> dict:
+    """The manifest :class:`FrontierWriter` wrote in ``directory``; raises
+    :class:`CorruptCacheError` when it is missing or names another traced graph."""
+    path = Path(directory) / FRONTIER_MANIFEST
+    if not path.exists():
+        raise CorruptCacheError(f"no frontier manifest in {directory} (incomplete)")
+    manifest = json.loads(path.read_text())
+    if manifest["graph"] != fingerprint:
+        raise CorruptCacheError(f"frontiers in {directory} belong to another traced graph; "
+                                f"delete the directory")
+    return manifest
 
 
 def load_frontiers(directory: Path, fingerprint: str, verify: bool = True,
@@ -114,15 +150,12 @@ def load_frontiers(directory: Path, fingerprint: str, verify: bool = True,
     :class:`CorruptCacheError` when the manifest is missing, names another graph, or
     (with ``verify``) a file does not match its checksum."""
     directory = Path(directory)
-    path = directory / FRONTIER_MANIFEST
-    if not path.exists():
-        raise CorruptCacheError(f"no frontier manifest in {directory} (incomplete)")
-    manifest = json.loads(path.read_text())
-    if manifest["graph"] != fingerprint:
-        raise CorruptCacheError(f"frontiers in {directory} belong to another traced graph; "
-                                f"delete the directory")
+    manifest = frontier_manifest(directory, fingerprint)
     for entry in manifest["files"]:
         file = directory / entry["file"]
-        if verify and (not file.exists() or file_sha256(file) != entry["sha256"]):
-            raise CorruptCacheError(f"frontier {file} is missing or does not match its checksum")
-        yield Frontier(manifest["position"], torch.load(file, weights_only=True))
+        if not file.exists():
+            raise CorruptCacheError(f"frontier {file} is missing")
+        data = file.read_bytes()  # read once: checksummed and loaded from memory
+        if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CorruptCacheError(f"frontier {file} does not match its checksum")
+        yield Frontier(manifest["position"], torch.load(io.BytesIO(data), weights_only=True))

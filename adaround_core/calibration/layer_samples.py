@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -88,12 +89,37 @@ class LayerSamples:
         """``batch_size`` random training rows ``(inputs, targets)``; with ``part``
         (``start, stop``) only that slice of them, drawn with the same random numbers (one
         rank's share of a data-parallel batch)."""
+        group, index = self._draw(batch_size, generator, part)
+        return group.rows(index)
+
+    def draws(self, count: int, batch_size: int, generator: torch.Generator,
+              part: tuple[int, int] | None = None,
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``count`` successive :meth:`sample` draws, the same rows in the same order. From
+        a disk cache each batch's rows are read by a background thread while the caller
+        works on the batch before (the read of a large layer's rows costs as much as a step)."""
+        if all(isinstance(g.inputs, TensorStore) for g in self._groups):
+            for _ in range(count):
+                yield self.sample(batch_size, generator, part)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sample-reader") as reader:
+            pending = reader.submit(_Group.rows, *self._draw(batch_size, generator, part)) \
+                if count else None
+            for step in range(count):
+                rows = pending.result()
+                if step + 1 < count:  # the next indices drawn now: the generator's order holds
+                    pending = reader.submit(_Group.rows, *self._draw(batch_size, generator, part))
+                yield rows
+
+    def _draw(self, batch_size: int, generator: torch.Generator,
+              part: tuple[int, int] | None) -> tuple[_Group, torch.Tensor]:
+        """The group and row indices of one :meth:`sample` draw."""
         g = self._groups[0] if len(self._groups) == 1 else \
             self._groups[int(torch.multinomial(self._weights, 1, generator=generator))]
         idx = torch.randint(len(g.train), (batch_size,), generator=generator)
         if part is not None:
             idx = idx[part[0]:part[1]]
-        return g.rows(g.train[idx])
+        return g, g.train[idx]
 
     def holdout(self, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Held-out rows in chunks of at most ``chunk``."""

@@ -37,6 +37,8 @@ from torch import nn
 from adaround_core.calibration.frontier_store import (
     FRONTIER_MEMORY_BUDGET,
     FrontierStore,
+    FrontierWriter,
+    frontier_manifest,
     load_frontiers,
     save_frontiers,
 )
@@ -72,6 +74,8 @@ class OnePassCapture:
         self._quant = FrontierStore(memory_budget)
         self._float = FrontierStore(memory_budget)
         self._num_batches: int | None = None
+        self._saved: Path | None = None  # the passes are paused on disk here (resume)
+        self._sink: Path | None = None  # stream the next layer's paused passes here
 
     def iter_layer_io(self, name: str, quantize_input: bool = True,
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -99,16 +103,42 @@ class OnePassCapture:
                              f"capture layers in rounding order")
         self._pending.pop(0)
         call = self.graph.layer_calls[name]
+        sink, self._sink = self._sink, None
+        writers = self._writers(sink) if sink is not None else None
         count = 0
         for i, (quant, floating) in enumerate(self._frontiers()):
             advance(self.graph, self.quant_model, quant, call)
             advance(self.graph, self.float_model, floating, call)
             taken = take(quant, floating)
-            self._quant.put(i, quant)
-            self._float.put(i, floating)
+            if writers is None:
+                self._quant.put(i, quant)
+                self._float.put(i, floating)
+            else:
+                writers[0].write(quant)
+                writers[1].write(floating)
             count += 1
             yield taken
         self._num_batches = count
+        self._saved = None  # the passes are in the stores now ...
+        if writers is not None:
+            for writer in writers:
+                writer.finish()
+            self._write_state(sink)
+            self._saved = sink  # ... or in the sink, continued from there like a resume
+
+    def stream_to(self, directory: Path) -> None:
+        """Write the passes paused at the next captured layer straight into ``directory``
+        (existing, empty) as :meth:`save` would, batch by batch, instead of keeping them:
+        one serialisation per batch and nothing held for all batches. The capture goes on
+        from that directory."""
+        self._sink = Path(directory)
+
+    def _writers(self, directory: Path) -> tuple[FrontierWriter, FrontierWriter]:
+        writers = []
+        for part in ("quant", "float"):
+            (directory / part).mkdir()
+            writers.append(FrontierWriter(directory / part, self.graph.fingerprint))
+        return writers[0], writers[1]
 
     def capture_layer_io(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """All of :meth:`iter_layer_io` as two lists (inputs, targets), in memory."""
@@ -116,6 +146,11 @@ class OnePassCapture:
         return [x for x, _ in pairs], [y for _, y in pairs]
 
     def _frontiers(self) -> Iterator[tuple[Frontier, Frontier]]:
+        if self._saved is not None:  # read back batch by batch, each checked as it is read
+            fingerprint = self.graph.fingerprint
+            yield from zip(load_frontiers(self._saved / "quant", fingerprint),
+                           load_frontiers(self._saved / "float", fingerprint), strict=True)
+            return
         if self._num_batches is None:
             for i, batch in enumerate(self._batches):
                 yield start(self.graph, batch, i), start(self.graph, batch, i)
@@ -141,14 +176,17 @@ class OnePassCapture:
     def save(self, directory: Path) -> None:
         """Persist the paused passes and the layers still to capture under ``directory``
         (existing, empty): ``quant/``, ``float/`` and ``capture.json``, written last."""
-        if self._num_batches is None:
-            raise ValueError("nothing to save before the first layer is captured; "
-                             "start from the batches instead")
+        if self._num_batches is None or self._saved is not None:
+            raise ValueError("nothing held to save: save after capturing a layer from the "
+                             "batches, or stream the passes with stream_to")
         directory = Path(directory)
         for part, store in (("quant", self._quant), ("float", self._float)):
             (directory / part).mkdir()
             save_frontiers(directory / part, _borrowed(store, self._num_batches),
                            self.graph.fingerprint)
+        self._write_state(directory)
+
+    def _write_state(self, directory: Path) -> None:
         tmp = directory / f".{CAPTURE_STATE}.tmp"
         tmp.write_text(json.dumps({"pending": self._pending, "batches": self._num_batches}))
         os.replace(tmp, directory / CAPTURE_STATE)
@@ -156,20 +194,22 @@ class OnePassCapture:
     @classmethod
     def resume(cls, quant_model: nn.Module, float_model: nn.Module, graph: LayerGraph,
                directory: Path, memory_budget: int = FRONTIER_MEMORY_BUDGET) -> OnePassCapture:
-        """Continue passes saved by :meth:`save`; ``quant_model`` must have the layers
-        captured before the save rounded (the next capture runs the last one's call)."""
+        """Continue passes saved by :meth:`save` (or :meth:`stream_to`); ``quant_model`` must
+        have the layers captured before the save rounded (the next capture runs the last
+        one's call). The manifests are checked here; each frontier's checksum when it is
+        read (a mismatch raises :class:`CorruptCacheError` from the next capture)."""
         directory = Path(directory)
         state_file = directory / CAPTURE_STATE
         if not state_file.exists():
             raise CorruptCacheError(f"no {CAPTURE_STATE} in {directory} (save incomplete)")
         state = json.loads(state_file.read_text())
+        for part in ("quant", "float"):
+            manifest = frontier_manifest(directory / part, graph.fingerprint)
+            if len(manifest["files"]) != state["batches"]:
+                raise CorruptCacheError(f"frontiers in {directory} are incomplete")
         capture = cls(quant_model, float_model, graph, state["pending"], (), memory_budget)
-        for part, store in (("quant", capture._quant), ("float", capture._float)):
-            for i, frontier in enumerate(load_frontiers(directory / part, graph.fingerprint)):
-                store.put(i, frontier)
-        if len(capture._quant) != state["batches"] or len(capture._float) != state["batches"]:
-            raise CorruptCacheError(f"frontiers in {directory} are incomplete")
         capture._num_batches = state["batches"]
+        capture._saved = directory
         return capture
 
     @property

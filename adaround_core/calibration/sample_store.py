@@ -72,14 +72,16 @@ def file_sha256(path: Path) -> str:
 
 
 def write_shard(directory: Path, file: str, tensor: torch.Tensor) -> ShardInfo:
-    """Write ``tensor`` as a raw shard (temporary name, then rename); return its info."""
+    """Write ``tensor`` as a raw shard (temporary name, then rename); return its info.
+
+    The bytes are written and checksummed straight from the tensor's memory. There is no
+    fsync: a cache is a shortcut, and a shard torn by a crash fails its checksum when the
+    cache is next reused (:func:`read_manifest`), so it is recomputed."""
     data = tensor.detach().contiguous().cpu()
-    raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    raw = data.view(torch.uint8).numpy() if data.numel() else b""
     tmp = directory / f".{file}.tmp"
     with open(tmp, "wb") as f:
         f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, directory / file)
     return ShardInfo(file, data.shape[0], tuple(data.shape[1:]), str(data.dtype),
                      hashlib.sha256(raw).hexdigest())

@@ -87,8 +87,8 @@ def optimise_rounding(layer: QuantLayerMixin, samples: LayerSamples, cfg: AdaRou
         part, world = ranks.part(batch_size), ranks.world_size
     betas = [beta_at(step, cfg.num_steps, cfg.warm_up, cfg.b_range)
              for step in range(cfg.num_steps)]
-    for step, beta in enumerate(betas):
-        x, target = samples.sample(batch_size, generator, part)
+    draws = samples.draws(cfg.num_steps, batch_size, generator, part)
+    for step, (beta, (x, target)) in enumerate(zip(betas, draws, strict=True)):
         grad_weight = _reconstruction_grad(layer, x, target, rounding.update_soft_weight(), world)
         if ranks is not None:
             ranks.all_reduce_sum(grad_weight, f"step {step} of AdaRound")

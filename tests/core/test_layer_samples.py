@@ -82,3 +82,29 @@ def test_same_seed_same_draws():
 def test_no_samples_is_an_error():
     with pytest.raises(ValueError, match="no samples"):
         _store([])
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_draws_are_the_successive_samples_read_ahead_from_disk(tmp_path, on_disk):
+    """``draws`` gives exactly what as many ``sample`` calls give (same generator order),
+    from memory and from a disk cache (there read one batch ahead by a thread), in two row
+    shapes so the group choice draws from the generator too."""
+    from adaround_core.calibration.sample_store import write_layer_cache
+
+    batches = [*_ids(12).split(4), *_ids(6, start=100, width=5).split(3)]
+    if on_disk:
+        write_layer_cache(tmp_path, [(x, 2 * x) for x in batches])
+
+    def samples():
+        if on_disk:
+            return LayerSamples.from_cache(tmp_path, 0.1, torch.Generator().manual_seed(0))
+        return _store(batches)
+
+    one_by_one, g = samples(), torch.Generator().manual_seed(3)
+    expected = [one_by_one.sample(4, g, (1, 3)) for _ in range(9)]
+    ahead, g = samples(), torch.Generator().manual_seed(3)
+    drawn = list(ahead.draws(9, 4, g, (1, 3)))
+    assert len(drawn) == 9
+    for (x, y), (ex, ey) in zip(drawn, expected, strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey) and x.shape[0] == 2
+    assert list(ahead.draws(0, 4, g)) == []

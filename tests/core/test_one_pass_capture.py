@@ -388,3 +388,39 @@ def test_a_saved_capture_resumes_where_it_stopped(tmp_path):
                 x, y = resumed.capture_layer_io(name)
                 assert all(torch.equal(a, b) for a, b in
                            zip(x + y, expected[name][0] + expected[name][1], strict=True)), name
+
+
+def test_streamed_frontiers_equal_saved_ones_and_continue_the_pass(tmp_path):
+    """``stream_to`` writes the boundary as ``save`` does, batch by batch, while the layer is
+    read: the same files' contents, a resume from it continues bit for bit, and so does the
+    streaming capture itself (from its directory)."""
+    q, batches, order = _capture_state(ResidualCNN(), (2, 3, 8, 8), num_batches=3)
+    with eval_mode(q), fake_quant_state(q, FakeQuantState.VALIDATION):
+        graph = trace_layer_graph(q, order, LEAVES, batches[0])
+        reference = OnePassCapture(q, float_reference(q), graph, order, batches)
+        expected = {name: reference.capture_layer_io(name) for name in order}
+        saved = OnePassCapture(q, float_reference(q), graph, order, batches)
+        saved.capture_layer_io(order[0])
+        (tmp_path / "saved").mkdir()
+        saved.save(tmp_path / "saved")
+        streamed = OnePassCapture(q, float_reference(q), graph, order, batches)
+        (tmp_path / "streamed").mkdir()
+        streamed.stream_to(tmp_path / "streamed")
+        x, y = streamed.capture_layer_io(order[0])
+        assert all(torch.equal(a, b) for a, b in zip(x + y, expected[order[0]][0]
+                                                     + expected[order[0]][1], strict=True))
+        for part in ("quant", "float"):
+            for i in range(3):
+                a = torch.load(tmp_path / "saved" / part / f"frontier_{i:05d}.pt")
+                b = torch.load(tmp_path / "streamed" / part / f"frontier_{i:05d}.pt")
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a
+                                                    if isinstance(a[k], torch.Tensor))
+        resumed = OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "streamed")
+        for capture in (resumed, streamed):  # another process's, and the streaming one's
+            for name in order[1:]:
+                x, y = capture.capture_layer_io(name)
+                assert all(torch.equal(a, b) for a, b in
+                           zip(x + y, expected[name][0] + expected[name][1], strict=True)), name
+        with pytest.raises(ValueError, match="nothing held to save"):
+            OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "streamed").save(
+                tmp_path)

@@ -3,6 +3,8 @@ named metrics and state_dict checks (in process, no pipeline run)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -96,3 +98,37 @@ def test_a_checkpoint_names_its_first_missing_and_unexpected_keys(tmp_path):
     torch.save(model, tmp_path / "whole.pt")  # a pickled module, not a state_dict
     with pytest.raises(CheckpointMismatchError, match="cannot be read as a state_dict"):
         read_state_dict(str(tmp_path / "whole.pt"))
+
+
+def test_calibration_batches_of_a_dataset_source_are_streamed_not_held(tmp_path, pipe,
+                                                                        monkeypatch):
+    """A Dataset source's calibration batches are read from the source each time they are
+    iterated (item 0 reads one batch only) and the digest is checked after a full pass."""
+    import counting_source
+
+    from tasks.data import prepare_data
+    from tasks.layout import Layout
+    from tasks.stage_data import CalibrationBatches, open_data
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    pipe.project(tmp_path, overrides={
+        "data": {"source": "counting_source:splits",
+                 "batch_process": "counting_source:images", "kwargs": {"num_calibration": 40}},
+        "calibration": {"batch_size": 16, "num_samples": 40}})
+    params = pipe.params(tmp_path)
+    dataset = prepare_data.fn(params, str(Layout(params).dataset))
+    batches = open_data(params, dataset).calibration(torch.device("cpu"))
+    assert isinstance(batches, CalibrationBatches) and batches.num_samples == 40
+    counting_source.READS.clear()
+    first = batches[0]
+    assert first.shape == (16, 1, 8, 8) and counting_source.READS == list(range(16))
+    counting_source.READS.clear()
+    assert [len(b) for b in batches] == [16, 16, 8] and len(batches) == 3
+    assert [len(b) for b in batches] == [16, 16, 8]  # a second pass reads the source again
+    assert counting_source.READS == list(range(40)) * 2
+    assert torch.equal(batches[0], first)
+
+    data = open_data(params, dataset)  # the source changed since the data stage
+    data._source["calibration"].images[39] += 1
+    with pytest.raises(DataSourceError, match="differ from those the data stage recorded"):
+        list(data.calibration(torch.device("cpu")))
