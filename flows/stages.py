@@ -77,10 +77,10 @@ def calibrate_flow(params: PipelineParams) -> Artifact:
 
 
 def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact,
-                  calibrated: Artifact, capture_seconds: dict[str, float],
-                  ) -> tuple[LayerPlan, list[LayerResult]]:
-    """Round the plan's units in order (finished ones reused); ``capture_seconds`` gets each
-    rounded unit's capture time (its activation cache task)."""
+                  calibrated: Artifact,
+                  ) -> tuple[LayerPlan, list[LayerResult], dict[str, float]]:
+    """Round the plan's units in order (finished ones reused); the plan, the results and
+    each rounded unit's capture time (its activation cache task), by name."""
     plan = plan_layers(params, dataset, float_model, calibrated)
     check_cache_space(params, plan.cache_bytes)  # before any layer is touched
     remove_partial_results(params)
@@ -88,6 +88,7 @@ def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifa
     progress_id = create_progress_artifact(0.0, key="adaround-layers",
                                            description="layers rounded")
     results: list[LayerResult] = []
+    capture_seconds: dict[str, float] = {}
     job: LayerJob | None = None
     for i, _ in enumerate(tqdm(plan.names, desc="AdaRound layers", unit="layer")):
         job = plan_job(params, dataset, float_model, calibrated, plan, results, upstream=job)
@@ -106,7 +107,7 @@ def _round_layers(params: PipelineParams, dataset: Artifact, float_model: Artifa
         results.append(result)
         update_progress_artifact(progress_id, 100.0 * (i + 1) / len(plan.names))
     finish_removals(Path(params.runtime.cache_dir))
-    return plan, results
+    return plan, results, capture_seconds
 
 
 @flow(persist_result=False, name="adaround")
@@ -116,8 +117,7 @@ def adaround_flow(params: PipelineParams) -> Artifact:
         dataset = existing(layout.dataset, "data")
         float_model = existing(layout.float_checkpoint, "train")
         calibrated = existing(layout.calibrated_checkpoint, "calibrate")
-        capture_seconds: dict[str, float] = {}
-        plan, results = _round_layers(params, dataset, float_model, calibrated, capture_seconds)
+        plan, results, capture_seconds = _round_layers(params, dataset, float_model, calibrated)
         reused = sum(r.reused for r in results)
         get_run_logger().info("%d layers rounded, %d reused from earlier runs; capture %.1f s, "
                               "rounding %.1f s", len(results) - reused, reused,

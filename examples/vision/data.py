@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-
-from adaround_core.reconstruction.threads import intra_op_threads
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,9 +53,20 @@ class PhotoCrops(Dataset):
         photo = photos[int(torch.randint(len(photos), (1,), generator=g))]
         # one thread: antialiased resizing sums in another order on more threads, and a
         # sample must be the same bits in every process (the pipeline checks its digest)
-        with intra_op_threads(1):
+        with _one_thread():
             image = _jitter(_flip(_random_crop(photo, self.image_size, g), g), g)
             return _normalise(image)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's intra-op threads set to 1 inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def photo_crops(num_calibration: int = 64, num_evaluation: int = 256, image_size: int = 224,
