@@ -3,7 +3,8 @@
 Each run's AdaRound variant is shown compactly (``block qdrop=0.5 lsq=0.001 guard=off``: the
 granularity, then ``drop_prob``, ``activation_lr`` and ``guard`` where they are not the
 defaults), then only what differs between the runs: the config keys whose values differ,
-baseline and AdaRound top-1 and their delta. ``mlflow ui`` lists the same parent runs.
+then each metric the runs logged (top-1, or a metric of your own such as cosine), baseline and
+AdaRound and their delta. ``mlflow ui`` lists the same parent runs.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from tasks.params import PipelineParams
 from tasks.registry import CHAMPION, METRIC_TAG, PARENT_TAG, REASON_TAG, SCORE_TAG, current_champion
 from tasks.tracking import PARENT_ROLE, ROLE_TAG, check_uri, sqlite_path, tracking_uri
 
-METRIC_COLUMNS = (("baseline %", "baseline_top1", "{:.2f}"), ("AdaRound %", "adaround_top1", "{:.2f}"),
-                  ("delta", "delta_top1", "{:+.2f}"))
+# the metric columns: for each metric the runs logged (``delta_<name>``), baseline, AdaRound
+# and their delta; top-1 as a percentage, anything else (cosine, retrieval, ...) as it is
+TOP1_COLUMNS = (("baseline %", "baseline_top1", "{:.2f}"), ("AdaRound %", "adaround_top1", "{:.2f}"),
+                ("delta", "delta_top1", "{:+.2f}"))
 MAX_VALUE = 32  # longer config values are cut in the table
 # the variant column: (param, label, value that is left out); runs logged before a key
 # existed lack it and count as its default
@@ -47,29 +50,46 @@ def variant(params: dict[str, str]) -> str:
     return " ".join(parts)
 
 
+def metric_columns(runs: list[Run]) -> list[tuple[str, str, str]]:
+    """``(title, MLflow metric, format)`` of baseline, AdaRound and delta for every metric
+    name any of the runs logged a ``delta_<name>`` of (``top1`` first)."""
+    names = sorted({key.removeprefix("delta_") for run in runs for key in run.data.metrics
+                    if key.startswith("delta_") and not key.startswith("delta_vs_")},
+                   key=lambda name: (name != "top1", name))
+    columns: list[tuple[str, str, str]] = []
+    for name in names:
+        columns += TOP1_COLUMNS if name == "top1" else (
+            (f"baseline {name}", f"baseline_{name}", "{:.4f}"),
+            (f"AdaRound {name}", f"adaround_{name}", "{:.4f}"),
+            (f"delta {name}", f"delta_{name}", "{:+.4f}"))
+    return columns
+
+
 def _cut(text: str) -> str:
     return text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 3] + "..."
 
 
-def _row(run: Run, keys: list[str], versions: dict[str, str]) -> list[str]:
+def _row(run: Run, keys: list[str], columns: list[tuple[str, str, str]],
+         versions: dict[str, str]) -> list[str]:
     started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
     metrics = run.data.metrics
     return [run.info.run_name or "", run.info.run_id[:8], started, variant(run.data.params),
             *(_cut(run.data.params.get(key, "-")) for key in keys),
             *(fmt.format(metrics[name]) if name in metrics else "-"
-              for _, name, fmt in METRIC_COLUMNS),
+              for _, name, fmt in columns),
             *([versions.get(run.info.run_id, "-")] if versions else [])]
 
 
 def format_comparison(runs: list[Run], keys: list[str],
                       versions: dict[str, str] | None = None) -> str:
-    """A fixed-width table: one line per run, its variant, the differing keys, then top-1
-    and delta, and the registered version of each run when ``versions`` (parent run id ->
-    label)."""
+    """A fixed-width table: one line per run, its variant, the differing keys, then each
+    metric's baseline, AdaRound and delta, and the registered version of each run when
+    ``versions`` (parent run id -> label)."""
     versions = versions or {}
-    header = ["run", "id", "started", "variant", *keys, *(title for title, _, _ in METRIC_COLUMNS),
+    columns = metric_columns(runs)
+    header = ["run", "id", "started", "variant", *keys, *(title for title, _, _ in columns),
               *(["version"] if versions else [])]
-    rows = [header] + [_row(run, keys, versions) for run in runs]
+    rows = [header] + [_row(run, keys, columns, versions) for run in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     text_columns = 4 + len(keys)
     lines = ["  ".join(cell.ljust(w) if i < text_columns else cell.rjust(w)

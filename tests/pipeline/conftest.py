@@ -316,7 +316,8 @@ def run_cmd(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 30
 
 @pytest.fixture(scope="session")
 def fake_results():
-    """``make(directory, top1=(float, baseline, adaround), **param_overrides)``: a project
+    """``make(directory, top1=(float, baseline, adaround), scores=None, **param_overrides)``
+    (``scores``: ``{role: {metric: value}}`` instead of top-1): a project
     whose checkpoints, layer report and metrics are written directly (no pipeline run), with
     tracking on and the MLflow store ``directory/store/mlflow.db``; returns
     ``(params, layout, metrics)``."""
@@ -325,7 +326,7 @@ def fake_results():
     from tasks.params import load_params
     from tasks.reporting import write_metrics
 
-    def make(directory: Path, top1=(90.0, 80.0, 85.0), **overrides):
+    def make(directory: Path, top1=(90.0, 80.0, 85.0), scores=None, **overrides):
         import torch
 
         (directory / "store").mkdir(parents=True, exist_ok=True)
@@ -344,9 +345,9 @@ def fake_results():
         write_json(layout.layer_report, [
             {"index": i, "layer": name, "nearest_mse": 0.5 / (i + 1), "adaround_mse": 0.1 / (i + 1),
              "decision": "adaround", "seconds": 0.1} for i, name in enumerate(["conv1", "fc1", "head"])])
-        metrics = write_metrics(layout, {role: {"top1": value} for role, value in
-                                         zip(("float", "baseline", "adaround"), top1,
-                                             strict=True)})
+        metrics = write_metrics(layout, scores or {role: {"top1": value} for role, value in
+                                                   zip(("float", "baseline", "adaround"), top1,
+                                                       strict=True)})
         return params, layout, metrics
 
     return make

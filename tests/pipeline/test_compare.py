@@ -43,6 +43,21 @@ def test_compare_shows_the_differing_key_and_both_deltas_newest_first(two_runs):
     assert "quant.weight_bits" not in " ".join(header)  # equal in both runs: not shown
 
 
+def test_compare_shows_the_metrics_the_runs_logged_under_their_names(tmp_path, fake_results,
+                                                                     monkeypatch):
+    """A model scored by its own metrics (MiniLM: cosine, retrieval) gets their columns."""
+    monkeypatch.chdir(tmp_path)
+    scores = {"float": {"cosine": 1.0, "retrieval": 1.0},
+              "baseline": {"cosine": 0.9182, "retrieval": 0.684},
+              "adaround": {"cosine": 0.953, "retrieval": 0.7661}}
+    params, layout, metrics = fake_results(tmp_path, scores=scores)
+    log_pipeline_run(params, layout, metrics)
+    header, row = _lines(compare_runs(params, last=5))[:2]  # then the champion line
+    assert " ".join(header[4:]) == ("baseline cosine AdaRound cosine delta cosine baseline "
+                                    "retrieval AdaRound retrieval delta retrieval")
+    assert row[-6:] == ["0.9182", "0.9530", "+0.0348", "0.6840", "0.7661", "+0.0821"]
+
+
 def test_compare_last_n_limits_the_runs(two_runs):
     table = compare_runs(two_runs[0], last=1)
     assert "-1.25" in table and "+5.00" not in table
