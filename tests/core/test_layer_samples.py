@@ -108,3 +108,15 @@ def test_draws_are_the_successive_samples_read_ahead_from_disk(tmp_path, on_disk
     for (x, y), (ex, ey) in zip(drawn, expected, strict=True):
         assert torch.equal(x, ex) and torch.equal(y, ey) and x.shape[0] == 2
     assert list(ahead.draws(0, 4, g)) == []
+
+
+def test_holdout_chunks_stay_under_a_byte_budget():
+    """With ``max_bytes`` a chunk holds as many rows as fit (inputs + targets), at least one,
+    whatever the number of samples; the rows are the same as without it."""
+    store = _store(_ids(40).split(10), holdout=0.5)  # 20 held rows of 3 + 3 float32 = 24 B
+    whole = torch.cat([x for x, _ in store.holdout(256)])
+    chunks = [x for x, _ in store.holdout(256, max_bytes=24 * 6 + 5)]
+    assert [len(x) for x in chunks] == [6, 6, 6, 2]
+    assert torch.equal(torch.cat(chunks), whole)
+    assert [len(x) for x, _ in store.holdout(256, max_bytes=1)] == [1] * 20
+    assert [len(x) for x, _ in store.holdout(8, max_bytes=10**9)] == [8, 8, 4]
