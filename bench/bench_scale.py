@@ -87,14 +87,17 @@ def pipeline_params(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def directory_bytes(path: Path) -> int:
-    total = 0
+    """Bytes of the files under ``path``, each file once: a directory renamed while the walk
+    runs (a finished cache moved into ``cache/trash``) is not counted in both places."""
+    sizes: dict[tuple[int, int], int] = {}
     for root, _, files in os.walk(path):
         for name in files:
             try:
-                total += os.stat(os.path.join(root, name)).st_size
+                stat = os.stat(os.path.join(root, name))
             except OSError:  # removed while walking
-                pass
-    return total
+                continue
+            sizes[(stat.st_dev, stat.st_ino)] = stat.st_size
+    return sum(sizes.values())
 
 
 def run_stage(stage: str, params_file: Path, cache_dir: Path | None = None) -> dict:
