@@ -150,7 +150,10 @@ def _resume(job: LayerJob, model: nn.Module, reference: nn.Module,
         key = (directory / KEY_FILE).read_text() if (directory / KEY_FILE).exists() else ""
         if key != job.chain.upstream:
             raise CorruptCacheError("its key file does not hold the previous layer's key")
-        capture = OnePassCapture.resume(model, reference, graph, directory)
+        # each file deleted once read, unless caches are kept: the disk then holds the
+        # boundary being continued or the one being written, not both whole
+        capture = OnePassCapture.resume(model, reference, graph, directory,
+                                        consume=not job.params.runtime.keep_cache)
     except Exception as err:  # noqa: BLE001 - frontiers are a shortcut: any fault means start over
         log.warning("%s: frontiers %s are unusable (%s: %s); deleted, the pass starts from "
                     "the model input", job.name, directory, type(err).__name__, err)

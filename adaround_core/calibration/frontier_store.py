@@ -145,10 +145,11 @@ def frontier_manifest(directory: Path, fingerprint: str) -> dict:
 
 
 def load_frontiers(directory: Path, fingerprint: str, verify: bool = True,
-                   ) -> Iterator[Frontier]:
-    """The frontiers written by :func:`save_frontiers`, one batch at a time. Raises
-    :class:`CorruptCacheError` when the manifest is missing, names another graph, or
-    (with ``verify``) a file does not match its checksum."""
+                   consume: bool = False) -> Iterator[Frontier]:
+    """The frontiers written by :func:`save_frontiers`, one batch at a time (with
+    ``consume``, each file is deleted once read: the disk holds only what is still to be
+    continued). Raises :class:`CorruptCacheError` when the manifest is missing, names
+    another graph, or a file is missing or (with ``verify``) does not match its checksum."""
     directory = Path(directory)
     manifest = frontier_manifest(directory, fingerprint)
     for entry in manifest["files"]:
@@ -156,6 +157,8 @@ def load_frontiers(directory: Path, fingerprint: str, verify: bool = True,
         if not file.exists():
             raise CorruptCacheError(f"frontier {file} is missing")
         data = file.read_bytes()  # read once: checksummed and loaded from memory
+        if consume:
+            file.unlink()
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CorruptCacheError(f"frontier {file} does not match its checksum")
         yield Frontier(manifest["position"], torch.load(io.BytesIO(data), weights_only=True))

@@ -76,6 +76,7 @@ class OnePassCapture:
         self._num_batches: int | None = None
         self._saved: Path | None = None  # the passes are paused on disk here (resume)
         self._sink: Path | None = None  # stream the next layer's paused passes here
+        self._consume = False  # delete each file under _saved once it is read
 
     def iter_layer_io(self, name: str, quantize_input: bool = True,
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -148,8 +149,10 @@ class OnePassCapture:
     def _frontiers(self) -> Iterator[tuple[Frontier, Frontier]]:
         if self._saved is not None:  # read back batch by batch, each checked as it is read
             fingerprint = self.graph.fingerprint
-            yield from zip(load_frontiers(self._saved / "quant", fingerprint),
-                           load_frontiers(self._saved / "float", fingerprint), strict=True)
+            consume, self._consume = self._consume, False
+            yield from zip(load_frontiers(self._saved / "quant", fingerprint, consume=consume),
+                           load_frontiers(self._saved / "float", fingerprint, consume=consume),
+                           strict=True)
             return
         if self._num_batches is None:
             for i, batch in enumerate(self._batches):
@@ -193,11 +196,15 @@ class OnePassCapture:
 
     @classmethod
     def resume(cls, quant_model: nn.Module, float_model: nn.Module, graph: LayerGraph,
-               directory: Path, memory_budget: int = FRONTIER_MEMORY_BUDGET) -> OnePassCapture:
+               directory: Path, memory_budget: int = FRONTIER_MEMORY_BUDGET,
+               consume: bool = False) -> OnePassCapture:
         """Continue passes saved by :meth:`save` (or :meth:`stream_to`); ``quant_model`` must
         have the layers captured before the save rounded (the next capture runs the last
-        one's call). The manifests are checked here; each frontier's checksum when it is
-        read (a mismatch raises :class:`CorruptCacheError` from the next capture)."""
+        one's call). The manifests and files are checked here; each frontier's checksum
+        when it is read (a mismatch raises :class:`CorruptCacheError` from the next
+        capture). With ``consume`` the next capture deletes each file once read (the disk
+        peak is then one boundary's frontiers, not two; an interrupted capture leaves the
+        directory unusable)."""
         directory = Path(directory)
         state_file = directory / CAPTURE_STATE
         if not state_file.exists():
@@ -205,11 +212,14 @@ class OnePassCapture:
         state = json.loads(state_file.read_text())
         for part in ("quant", "float"):
             manifest = frontier_manifest(directory / part, graph.fingerprint)
-            if len(manifest["files"]) != state["batches"]:
-                raise CorruptCacheError(f"frontiers in {directory} are incomplete")
+            if len(manifest["files"]) != state["batches"] or not all(
+                    (directory / part / entry["file"]).is_file() for entry in manifest["files"]):
+                raise CorruptCacheError(f"frontiers in {directory} are incomplete (an "
+                                        f"interrupted capture consumed some)")
         capture = cls(quant_model, float_model, graph, state["pending"], (), memory_budget)
         capture._num_batches = state["batches"]
         capture._saved = directory
+        capture._consume = consume
         return capture
 
     @property

@@ -424,3 +424,32 @@ def test_streamed_frontiers_equal_saved_ones_and_continue_the_pass(tmp_path):
         with pytest.raises(ValueError, match="nothing held to save"):
             OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "streamed").save(
                 tmp_path)
+
+
+def test_a_consuming_resume_deletes_each_frontier_once_read(tmp_path):
+    """``resume(consume=True)`` gives the same capture and leaves no frontier file behind;
+    the consumed directory cannot be resumed again (it is incomplete), nor can one that an
+    interrupted capture consumed in part."""
+    q, batches, order = _capture_state(ResidualCNN(), (2, 3, 8, 8), num_batches=3)
+    with eval_mode(q), fake_quant_state(q, FakeQuantState.VALIDATION):
+        graph = trace_layer_graph(q, order, LEAVES, batches[0])
+        reference = OnePassCapture(q, float_reference(q), graph, order, batches)
+        expected = [reference.capture_layer_io(name) for name in order[:2]][1]
+        first = OnePassCapture(q, float_reference(q), graph, order, batches)
+        first.capture_layer_io(order[0])
+        for copy_dir in ("whole", "part"):
+            (tmp_path / copy_dir).mkdir()
+            first.save(tmp_path / copy_dir)
+        resumed = OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "whole",
+                                        consume=True)
+        x, y = resumed.capture_layer_io(order[1])
+        assert all(torch.equal(a, b) for a, b in zip(x + y, expected[0] + expected[1],
+                                                     strict=True))
+        assert list((tmp_path / "whole").rglob("frontier_*.pt")) == []
+        with pytest.raises(frontier_store.CorruptCacheError, match="incomplete"):
+            OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "whole")
+        interrupted = OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "part",
+                                            consume=True)
+        next(interrupted.iter_layer_io(order[1]))  # killed after the first batch
+        with pytest.raises(frontier_store.CorruptCacheError, match="incomplete"):
+            OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "part")
