@@ -42,16 +42,16 @@ def wall_figure(results: list[dict], path: Path) -> None:
     wall.set_title("adaround stage wall time")
     wall.legend(fontsize=8)
     x = range(len(results))
-    memory.bar([i - 0.2 for i in x], [r["peak_rss_bytes"] / 2**30 for r in results], 0.4,
+    memory.bar([i - 0.2 for i in x], [r["peak_rss_bytes"] / 1e9 for r in results], 0.4,
                label="peak RSS")
-    memory.bar([i + 0.2 for i in x], [r["peak_cache_bytes"] / 2**30 for r in results], 0.4,
+    memory.bar([i + 0.2 for i in x], [r["peak_cache_bytes"] / 1e9 for r in results], 0.4,
                label="peak cache disk")
     memory.scatter([i + 0.2 for i in x],
-                   [2 * r["largest_layer_cache_bytes"] / 2**30 for r in results],
+                   [2 * r["largest_layer_cache_bytes"] / 1e9 for r in results],
                    marker="_", s=300, color="k", label="2x largest layer cache")
-    memory.axhline(3, color="C3", ls=":", lw=1, label="3 GiB")
+    memory.axhline(3, color="C3", ls=":", lw=1, label="3 GB (RSS target)")
     memory.set_xticks(list(x), labels)
-    memory.set_ylabel("GiB")
+    memory.set_ylabel("GB")
     memory.set_title("memory and disk")
     memory.legend(fontsize=8)
     fig.tight_layout()
