@@ -95,14 +95,15 @@ def _saved_frontiers(directory: Path) -> bool:
     return (directory / CAPTURE_STATE).is_file()
 
 
-def _capture(job: LayerJob, tmp: Path, model: nn.Module, reference: nn.Module,
-             temporaries: list[Path]) -> tuple[int, str]:
-    """Write the job's cache into ``tmp`` (models in rounding mode); the number of rows (a
-    block's: of calls) and where capture started. Continued frontiers that fail their
-    checksum midway are deleted and the capture starts over from the model input."""
+def _capture(job: LayerJob, directory: Path, model: nn.Module, reference: nn.Module,
+             temporaries: list[Path]) -> tuple[Path, int, str]:
+    """Write the job's cache into a temporary directory beside ``directory`` (models in
+    rounding mode); that directory, the number of rows (a block's: of calls) and where
+    capture started. Continued frontiers that are unusable, found on opening or midway
+    (a checksum), are deleted and the capture starts over from the model input."""
     batches = training_inputs(job.params, job.dataset)
     try:
-        return _capture_once(job, tmp, model, reference, batches, temporaries)
+        return _capture_once(job, directory, model, reference, batches, temporaries)
     except CorruptCacheError as err:
         upstream = job.upstream_frontier_dir()
         if upstream is None or not upstream.exists():
@@ -111,29 +112,30 @@ def _capture(job: LayerJob, tmp: Path, model: nn.Module, reference: nn.Module,
                                      "pass starts from the model input", job.name, upstream,
                                      type(err).__name__, err)
         shutil.rmtree(upstream, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        return _capture_once(job, tmp, model, reference, batches, temporaries)
+        return _capture_once(job, directory, model, reference, batches, temporaries,
+                             upstream=False)
 
 
-def _capture_once(job: LayerJob, tmp: Path, model: nn.Module, reference: nn.Module,
-                  batches: list, temporaries: list[Path]) -> tuple[int, str]:
-    """One capture into ``tmp``; with one-pass capture the frontiers for the next unit are
-    written alongside, batch by batch, and published at the end."""
-    capture = open_capture(job, model, reference, batches)
+def _capture_once(job: LayerJob, directory: Path, model: nn.Module, reference: nn.Module,
+                  batches: list, temporaries: list[Path], upstream: bool = True,
+                  ) -> tuple[Path, int, str]:
+    """One capture into a fresh temporary directory; with one-pass capture the frontiers
+    for the next unit are written alongside, batch by batch, and published at the end."""
+    tmp = _temporary(directory)
+    temporaries.append(tmp)
+    capture = open_capture(job, model, reference, batches, upstream)
     try:
         frontiers = None
         if capture.saves_frontiers:
-            frontiers = _temporary(job.frontier_dir())
+            frontiers = capture.frontier_sink(_temporary(job.frontier_dir()))
             temporaries.append(frontiers)
-            capture.stream_frontiers(frontiers)
-        rows = (write_unit_cache(tmp, capture.calls()) if job.block
-                else write_layer_cache(tmp, capture.pairs()))
+        rows = (write_unit_cache(tmp, capture.calls(frontiers)) if job.block
+                else write_layer_cache(tmp, capture.pairs(frontiers)))
     finally:
         capture.close()
     if frontiers is not None:
         _publish(frontiers, job.frontier_dir(), _saved_frontiers)
-    return rows, capture.source
+    return tmp, rows, capture.source
 
 
 def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
@@ -144,10 +146,8 @@ def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
         model, reference = layer_models(job.params, job.dataset, job.float_model,
                                         job.calibrated, job.previous)
         wait_for_removals()  # the previous layer's cache is off the disk before this one
-        tmp = _temporary(directory)
-        temporaries.append(tmp)
         with rounding_mode(model, job.params.adaround.num_threads):
-            written = _capture(job, tmp, model, reference, temporaries)
+            tmp, rows, source = _capture(job, directory, model, reference, temporaries)
         _publish(tmp, directory)
     except OSError as err:
         for path in temporaries:
@@ -157,7 +157,7 @@ def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
         if problem is None:
             raise
         raise problem from None
-    return written
+    return rows, source
 
 
 @pipeline_task(retries=2, retry_delay_seconds=1)

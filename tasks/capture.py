@@ -6,7 +6,7 @@ graph can be cut before each layer and reproduces the eager pass bit for bit, th
 layers' tasks share one forward pass of each model over the calibration set. Layer
 ``k``'s task continues the passes its predecessor saved at layer ``k-1``'s boundary
 (:meth:`LayerJob.upstream_frontier_dir`), captures layer ``k``, and leaves the passes
-paused at its own boundary for layer ``k+1`` (:meth:`LayerCapture.stream_frontiers`:
+paused at its own boundary for layer ``k+1`` (the ``sink`` of :meth:`LayerCapture.pairs`:
 each batch's paused passes are written as the batch is captured, so a task holds one
 batch at a time and serialises each frontier once). Without a
 usable saved boundary (the first layer, a deleted or corrupt one) the pass starts at
@@ -19,7 +19,6 @@ every task captures its layer with a partial pass per batch (the per-layer metho
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,19 +78,21 @@ class LayerCapture:
     def method(self) -> str:
         return PER_LAYER if self.one_pass is None else ONE_PASS
 
-    def pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def pairs(self, sink: Path | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch, the layer's input (before its activation fake-quant when that is
-        trained, :attr:`LayerJob.quantizes_input`) and float output."""
+        trained, :attr:`LayerJob.quantizes_input`) and float output; the passes paused at
+        the layer are written into ``sink`` (from :meth:`frontier_sink`) as they go."""
         quantize = self.job.quantizes_input
         if self.one_pass is not None:
-            return self.one_pass.iter_layer_io(self.job.name, quantize)
+            return self.one_pass.iter_layer_io(self.job.name, quantize, sink)
         return iter_layer_io(self.model, self.reference, self.job.name, self.job.calls,
                              self.batches, quantize)
 
-    def calls(self) -> Iterator[Call]:
-        """Per batch, the block's call ``(args, kwargs)`` and float output."""
+    def calls(self, sink: Path | None = None) -> Iterator[Call]:
+        """Per batch, the block's call ``(args, kwargs)`` and float output; ``sink`` as in
+        :meth:`pairs`."""
         if self.one_pass is not None:
-            return self.one_pass.iter_unit_calls(self.job.name)
+            return self.one_pass.iter_unit_calls(self.job.name, sink)
         return iter_unit_calls(self.model, self.reference, self.job.name, self.job.calls,
                                self.batches)
 
@@ -100,13 +101,13 @@ class LayerCapture:
         """Whether a later layer continues this capture (ask before reading the layer)."""
         return self.one_pass is not None and len(self.one_pass.pending) > 1
 
-    def stream_frontiers(self, directory: Path) -> None:
-        """Write the passes, paused at this layer's boundary, into ``directory`` (existing,
-        empty) with this layer's cache key, batch by batch as :meth:`pairs` (or
-        :meth:`calls`) is read; the directory is complete when that ends."""
+    def frontier_sink(self, directory: Path) -> Path:
+        """``directory`` (existing, empty) labelled with this layer's cache key, as the
+        sink of :meth:`pairs` (or :meth:`calls`): the passes paused at this layer's
+        boundary, complete when that ends."""
         assert self.one_pass is not None
         (directory / KEY_FILE).write_text(self.job.cache_key)
-        self.one_pass.stream_to(directory)
+        return directory
 
     def close(self) -> None:
         if self.one_pass is not None:
@@ -114,9 +115,11 @@ class LayerCapture:
 
 
 def open_capture(job: LayerJob, model: nn.Module, reference: nn.Module,
-                 batches: Sequence[torch.Tensor]) -> LayerCapture:
+                 batches: Sequence[torch.Tensor], upstream: bool = True) -> LayerCapture:
     """The capture of ``job``'s layer; ``model`` (earlier layers rounded) and ``reference``
-    in the state capture runs in (:func:`rounding_mode`)."""
+    in the state capture runs in (:func:`rounding_mode`). With ``upstream`` it continues
+    the passes the previous layer's task saved, where there are any; saved passes that
+    cannot be used raise :class:`CorruptCacheError` (here or while the capture is read)."""
     if job.chain is None:
         return LayerCapture(job, model, reference, batches, None, "per-layer passes")
     order = list(job.chain.order)
@@ -126,7 +129,7 @@ def open_capture(job: LayerJob, model: nn.Module, reference: nn.Module,
         run_logger(__name__).warning("%s: one-pass capture does not apply (%s); capturing "
                                      "with per-layer passes", job.name, reason)
         return LayerCapture(job, model, reference, batches, None, "per-layer passes")
-    resumed = _resume(job, model, reference, graph)
+    resumed = _resume(job, model, reference, graph) if upstream else None
     if resumed is not None:
         return LayerCapture(job, model, reference, batches, resumed,
                             f"continued from {job.upstream_frontier_dir()}")
@@ -136,8 +139,9 @@ def open_capture(job: LayerJob, model: nn.Module, reference: nn.Module,
 
 def _resume(job: LayerJob, model: nn.Module, reference: nn.Module,
             graph: LayerGraph) -> OnePassCapture | None:
-    """The passes the previous layer's task saved, continued; None when there are none or
-    they cannot be used (a corrupt directory is deleted, with a warning)."""
+    """The passes the previous layer's task saved, continued; None when there are none
+    (or they were saved for another plan); :class:`CorruptCacheError` when they are
+    unusable."""
     directory = job.upstream_frontier_dir()
     if directory is None:
         return None
@@ -154,11 +158,10 @@ def _resume(job: LayerJob, model: nn.Module, reference: nn.Module,
         # boundary being continued or the one being written, not both whole
         capture = OnePassCapture.resume(model, reference, graph, directory,
                                         consume=not job.params.runtime.keep_cache)
+    except CorruptCacheError:
+        raise
     except Exception as err:  # noqa: BLE001 - frontiers are a shortcut: any fault means start over
-        log.warning("%s: frontiers %s are unusable (%s: %s); deleted, the pass starts from "
-                    "the model input", job.name, directory, type(err).__name__, err)
-        shutil.rmtree(directory, ignore_errors=True)
-        return None
+        raise CorruptCacheError(f"{type(err).__name__}: {err}") from err
     if capture.pending[:1] != [job.name]:  # saved by a plan with other layers in between
         log.info("%s: frontiers %s were saved for layer %s; the pass starts from the model "
                  "input", job.name, directory, capture.pending[:1])

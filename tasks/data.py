@@ -196,7 +196,9 @@ def _split_summary(params: PipelineParams, batches, split: str, model: nn.Module
     from adaround_core.calibration.batches import check_finite
 
     digest, process, structure = RowDigest(), batch_processor(params), None
+    count = 0
     for i, batch in enumerate(batches):
+        count += 1
         if structure is None:
             structure = describe(batch)
             inputs = process_batch(process, batch, f"{split} batch {i}", params)
@@ -210,7 +212,8 @@ def _split_summary(params: PipelineParams, batches, split: str, model: nn.Module
             raise DataSourceError(params.data.source, f"{split}: {first_line(err)}") from None
     if structure is None:
         raise DataSourceError(params.data.source, f"{split} yielded no batch")
-    return {"samples": digest.samples, "sample": structure, "sha256": digest.hexdigest()}
+    return {"samples": digest.samples, "batches": count, "sample": structure,
+            "sha256": digest.hexdigest()}
 
 
 def _datasets_manifest(params: PipelineParams, splits: dict, model: nn.Module) -> dict:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from adaround_core.calibration.sample_store import file_sha256
+from adaround_core.calibration.checksum import file_sha256
 
 _FILE_MODE = 0o644  # mkstemp creates 0600; outputs are shared like any written file
 

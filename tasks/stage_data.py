@@ -46,12 +46,13 @@ class TensorBatches:
 class CalibrationBatches(Sequence):
     """A ``datasets`` source's calibration batches, read from the source each time they are
     iterated (never all in memory: a 224 px image set of 1024 samples is 0.6 GB); item
-    ``i`` reads the first ``i + 1`` batches. ``num_samples`` is the data stage's count."""
+    ``i`` reads the first ``i + 1`` batches. ``num_samples`` and the length are the data
+    stage's counts (a manifest without the batch count is counted once)."""
 
     def __init__(self, data: StageData, device: torch.device) -> None:
         self.data, self.device = data, device
         self.num_samples = data.manifest["calibration"]["samples"]
-        self._len: int | None = None
+        self._len: int | None = data.manifest["calibration"].get("batches")
 
     def __iter__(self) -> Iterator[Any]:
         count = 0

@@ -8,14 +8,15 @@ directory and read back, then deleted, when taken. So memory does not grow with 
 number of batches.
 
 :func:`save_frontiers` / :func:`load_frontiers` persist a whole layer boundary (every
-batch's frontier, with a manifest naming the graph and each file's SHA-256) so another
-process can continue the pass from there: the pipeline's per-layer tasks.
+batch's frontier, with a manifest naming the graph and each frontier's checksum) so another
+process can continue the pass from there: the pipeline's per-layer tasks. Their bytes are
+the bulk of a large model's capture, so each is written once straight from the tensors
+(``torch.save`` to the file, no zip CRC) and mapped back without a copy (``mmap``); the
+checksum is taken over the tensor storages in memory on both sides.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -24,7 +25,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from torch.utils.serialization import config as serialization_config
 
+from adaround_core.calibration.checksum import tree_checksum
 from adaround_core.calibration.sample_store import CorruptCacheError
 from adaround_core.calibration.segmented_forward import Frontier
 
@@ -88,7 +91,7 @@ class FrontierStore:
 
 class FrontierWriter:
     """Writes one layer boundary's frontiers under ``directory`` (existing, empty) as they
-    come, each serialised and checksummed in memory (no second read); :meth:`finish`
+    come, each checksummed from its tensors in memory (no second read); :meth:`finish`
     writes the manifest that makes the directory valid."""
 
     def __init__(self, directory: Path, fingerprint: str) -> None:
@@ -97,15 +100,14 @@ class FrontierWriter:
         self._positions: set[int] = set()
 
     def write(self, frontier: Frontier) -> None:
-        buffer = io.BytesIO()
-        torch.save(frontier.values, buffer)
-        data = buffer.getbuffer()
         name = f"frontier_{len(self._files):05d}.pt"
         tmp = self.directory / f".{name}.tmp"
-        with open(tmp, "wb") as f:  # no fsync: the checksum catches a torn write on use
-            f.write(data)
+        # no zip CRC (the checksum covers the tensors) and no fsync (a torn write fails
+        # the checksum or the load on use, and the pass restarts from the model input)
+        with serialization_config.patch({"save.compute_crc32": False}):
+            torch.save(frontier.values, tmp)
         os.replace(tmp, self.directory / name)
-        self._files.append({"file": name, "sha256": hashlib.sha256(data).hexdigest()})
+        self._files.append({"file": name, "checksum": tree_checksum(frontier.values)})
         self._positions.add(frontier.position)
 
     def finish(self) -> int:
@@ -146,19 +148,25 @@ def frontier_manifest(directory: Path, fingerprint: str) -> dict:
 
 def load_frontiers(directory: Path, fingerprint: str, verify: bool = True,
                    consume: bool = False) -> Iterator[Frontier]:
-    """The frontiers written by :func:`save_frontiers`, one batch at a time (with
-    ``consume``, each file is deleted once read: the disk holds only what is still to be
-    continued). Raises :class:`CorruptCacheError` when the manifest is missing, names
-    another graph, or a file is missing or (with ``verify``) does not match its checksum."""
+    """The frontiers written by :func:`save_frontiers`, one batch at a time, their tensors
+    mapped from the files (copy-on-write; with ``consume`` each file is deleted once mapped,
+    so its blocks are freed with the batch's tensors: the disk holds only what is still to
+    be continued). Raises :class:`CorruptCacheError` when the manifest is missing, names
+    another graph, or a file is missing, unreadable or (with ``verify``) does not match
+    its checksum."""
     directory = Path(directory)
     manifest = frontier_manifest(directory, fingerprint)
     for entry in manifest["files"]:
         file = directory / entry["file"]
         if not file.exists():
             raise CorruptCacheError(f"frontier {file} is missing")
-        data = file.read_bytes()  # read once: checksummed and loaded from memory
-        if consume:
-            file.unlink()
-        if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        try:
+            values = torch.load(file, weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - a torn or damaged file, whatever torch says
+            raise CorruptCacheError(f"frontier {file} cannot be read ({err})") from None
+        finally:
+            if consume:
+                file.unlink()
+        if verify and tree_checksum(values) != entry.get("checksum"):
             raise CorruptCacheError(f"frontier {file} does not match its checksum")
-        yield Frontier(manifest["position"], torch.load(io.BytesIO(data), weights_only=True))
+        yield Frontier(manifest["position"], values)

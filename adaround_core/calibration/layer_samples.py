@@ -12,7 +12,6 @@ the same samples from both.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,11 +22,8 @@ from adaround_core.calibration.sample_store import RowStore, TensorStore, cached
 
 logger = logging.getLogger(__name__)
 
-
-def _row_nbytes(store: RowStore) -> int:
-    """Bytes of one row of ``store``."""
-    dtype = store.tensor.dtype if isinstance(store, TensorStore) else store.dtype
-    return math.prod(store.row_shape) * torch.empty(0, dtype=dtype).element_size()
+HOLDOUT_CHUNK = 256  # held-out samples judged per forward call, at most ...
+HOLDOUT_CHUNK_BYTES = 64 << 20  # ... of this many bytes of inputs and targets
 
 
 class _Group:
@@ -128,15 +124,15 @@ class LayerSamples:
             idx = idx[part[0]:part[1]]
         return g, g.train[idx]
 
-    def holdout(self, chunk: int, max_bytes: int | None = None,
+    def holdout(self, chunk: int = HOLDOUT_CHUNK, max_bytes: int | None = HOLDOUT_CHUNK_BYTES,
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Held-out rows in chunks of at most ``chunk`` rows and (with ``max_bytes``) of at
-        most that many bytes of inputs and targets (at least one row), so the memory of
-        judging a layer does not grow with the number of samples."""
+        """Held-out rows in chunks of at most ``chunk`` rows and (unless ``max_bytes`` is
+        None) of at most that many bytes of inputs and targets (at least one row), so the
+        memory of judging a unit does not grow with the number of samples."""
         for g in self._groups:
             rows = chunk
             if max_bytes is not None:
-                row_bytes = _row_nbytes(g.inputs) + _row_nbytes(g.targets)
+                row_bytes = g.inputs.row_nbytes + g.targets.row_nbytes
                 rows = max(1, min(chunk, max_bytes // max(row_bytes, 1)))
             for start in range(0, len(g.held), rows):
                 yield g.rows(g.held[start:start + rows])

@@ -18,9 +18,10 @@ Both equal what :func:`~adaround_core.calibration.layer_capture.iter_layer_io` r
 after the same roundings, bit for bit, at about one forward pass of each model in all
 instead of one partial pass per layer.
 
-:meth:`OnePassCapture.save` and :meth:`OnePassCapture.resume` persist the paused passes
-at a layer boundary and continue them in another process (a pipeline task per layer):
-resume needs the same model (traced to the same graph) with the same layers rounded.
+:meth:`OnePassCapture.save` (or a capture's ``sink``, written batch by batch) and
+:meth:`OnePassCapture.resume` persist the paused passes at a layer boundary and continue
+them in another process (a pipeline task per layer): resume needs the same model (traced
+to the same graph) with the same layers rounded.
 """
 
 from __future__ import annotations
@@ -67,50 +68,54 @@ class OnePassCapture:
 
     def __init__(self, quant_model: nn.Module, float_model: nn.Module, graph: LayerGraph,
                  layers: list[str], batches: Iterable[Any],
-                 memory_budget: int = FRONTIER_MEMORY_BUDGET) -> None:
+                 memory_budget: int = FRONTIER_MEMORY_BUDGET, consume: bool = False) -> None:
         self.quant_model, self.float_model, self.graph = quant_model, float_model, graph
         self._pending = list(layers)
         self._batches = batches
         self._quant = FrontierStore(memory_budget)
         self._float = FrontierStore(memory_budget)
         self._num_batches: int | None = None
-        self._saved: Path | None = None  # the passes are paused on disk here (resume)
-        self._sink: Path | None = None  # stream the next layer's paused passes here
-        self._consume = False  # delete each file under _saved once it is read
+        self._saved: Path | None = None  # the passes are paused on disk here
+        self.consume = consume  # delete each file under _saved once it is read
 
-    def iter_layer_io(self, name: str, quantize_input: bool = True,
+    def iter_layer_io(self, name: str, quantize_input: bool = True, sink: Path | None = None,
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch: the layer's fake-quantized input (before ``input_fake_quant`` when
         ``quantize_input`` is False) and float output (streamed; read it to the end
-        before rounding the layer)."""
-        return self._continue(name, lambda quant, floating: (
-            self._input(name, quant, quantize_input), self._target(floating)))
+        before rounding the layer). With ``sink`` (a directory, existing and empty) the
+        passes paused at the layer are written there batch by batch, as :meth:`save`
+        writes them, instead of kept: the next capture continues from that directory."""
+        return self._continue(name, sink, lambda quant, floating, continued: (
+            self._input(name, quant, quantize_input), self._target(floating, continued)))
 
-    def iter_unit_calls(self, name: str) -> Iterator[Call]:
+    def iter_unit_calls(self, name: str, sink: Path | None = None) -> Iterator[Call]:
         """Per batch: block ``name``'s call ``(args, kwargs)`` in the quantized pass and
         its float output, copied as :func:`~.unit_capture.iter_unit_calls` copies them
-        (streamed; read it to the end before rounding the block)."""
-        def take(quant: Frontier, floating: Frontier) -> Call:
+        (streamed; read it to the end before rounding the block); ``sink`` as in
+        :meth:`iter_layer_io`."""
+        def take(quant: Frontier, floating: Frontier, continued: bool) -> Call:
             args, kwargs = call_arguments(self.graph.layer_node(name), quant.values)
             output = step(self.graph, self.float_model, floating)
             return copy_tensors(args), copy_tensors(kwargs), copy_tensors(output)
-        return self._continue(name, take)
+        return self._continue(name, sink, take)
 
-    def _continue(self, name: str, take: Callable[[Frontier, Frontier], T]) -> Iterator[T]:
-        """Per batch: ``take`` of both passes, continued up to the call of ``name``."""
+    def _continue(self, name: str, sink: Path | None,
+                  take: Callable[[Frontier, Frontier, bool], T]) -> Iterator[T]:
+        """Per batch: ``take`` of both passes, continued up to the call of ``name``, and
+        told whether this process continues the passes later (False when they are streamed
+        to disk: then nothing runs on the taken tensors after they are written)."""
         if not self._pending or self._pending[0] != name:
             expected = self._pending[0] if self._pending else "none"
             raise ValueError(f"layer {name!r} asked out of order (next is {expected!r}); "
                              f"capture layers in rounding order")
         self._pending.pop(0)
         call = self.graph.layer_calls[name]
-        sink, self._sink = self._sink, None
-        writers = self._writers(sink) if sink is not None else None
+        writers = self._writers(Path(sink)) if sink is not None else None
         count = 0
         for i, (quant, floating) in enumerate(self._frontiers()):
             advance(self.graph, self.quant_model, quant, call)
             advance(self.graph, self.float_model, floating, call)
-            taken = take(quant, floating)
+            taken = take(quant, floating, writers is None)
             if writers is None:
                 self._quant.put(i, quant)
                 self._float.put(i, floating)
@@ -124,15 +129,8 @@ class OnePassCapture:
         if writers is not None:
             for writer in writers:
                 writer.finish()
-            self._write_state(sink)
-            self._saved = sink  # ... or in the sink, continued from there like a resume
-
-    def stream_to(self, directory: Path) -> None:
-        """Write the passes paused at the next captured layer straight into ``directory``
-        (existing, empty) as :meth:`save` would, batch by batch, instead of keeping them:
-        one serialisation per batch and nothing held for all batches. The capture goes on
-        from that directory."""
-        self._sink = Path(directory)
+            self._write_state(Path(sink))
+            self._saved = Path(sink)  # ... or in the sink, continued from there
 
     def _writers(self, directory: Path) -> tuple[FrontierWriter, FrontierWriter]:
         writers = []
@@ -149,9 +147,8 @@ class OnePassCapture:
     def _frontiers(self) -> Iterator[tuple[Frontier, Frontier]]:
         if self._saved is not None:  # read back batch by batch, each checked as it is read
             fingerprint = self.graph.fingerprint
-            consume, self._consume = self._consume, False
-            yield from zip(load_frontiers(self._saved / "quant", fingerprint, consume=consume),
-                           load_frontiers(self._saved / "float", fingerprint, consume=consume),
+            yield from zip(load_frontiers(self._saved / "quant", fingerprint, consume=self.consume),
+                           load_frontiers(self._saved / "float", fingerprint, consume=self.consume),
                            strict=True)
             return
         if self._num_batches is None:
@@ -170,18 +167,19 @@ class OnePassCapture:
             x = layer.input_fake_quant(arg).detach()
         return x.clone() if _shares_storage(x, arg) else x
 
-    def _target(self, frontier: Frontier) -> torch.Tensor:
-        """Run the layer's call in the float pass; its output (a copy if a later node
-        still reads it, which may change it in place)."""
+    def _target(self, frontier: Frontier, continued: bool) -> torch.Tensor:
+        """Run the layer's call in the float pass; its output (a copy if the pass is
+        ``continued`` here and a later node reads it, which may change it in place)."""
         output = step(self.graph, self.float_model, frontier).detach()
-        return output.clone() if self.graph.nodes[frontier.position - 1].users else output
+        later = continued and self.graph.nodes[frontier.position - 1].users
+        return output.clone() if later else output
 
     def save(self, directory: Path) -> None:
         """Persist the paused passes and the layers still to capture under ``directory``
         (existing, empty): ``quant/``, ``float/`` and ``capture.json``, written last."""
         if self._num_batches is None or self._saved is not None:
             raise ValueError("nothing held to save: save after capturing a layer from the "
-                             "batches, or stream the passes with stream_to")
+                             "batches, or stream the passes to a sink")
         directory = Path(directory)
         for part, store in (("quant", self._quant), ("float", self._float)):
             (directory / part).mkdir()
@@ -198,7 +196,7 @@ class OnePassCapture:
     def resume(cls, quant_model: nn.Module, float_model: nn.Module, graph: LayerGraph,
                directory: Path, memory_budget: int = FRONTIER_MEMORY_BUDGET,
                consume: bool = False) -> OnePassCapture:
-        """Continue passes saved by :meth:`save` (or :meth:`stream_to`); ``quant_model`` must
+        """Continue passes saved by :meth:`save` (or to a sink); ``quant_model`` must
         have the layers captured before the save rounded (the next capture runs the last
         one's call). The manifests and files are checked here; each frontier's checksum
         when it is read (a mismatch raises :class:`CorruptCacheError` from the next
@@ -216,10 +214,10 @@ class OnePassCapture:
                     (directory / part / entry["file"]).is_file() for entry in manifest["files"]):
                 raise CorruptCacheError(f"frontiers in {directory} are incomplete (an "
                                         f"interrupted capture consumed some)")
-        capture = cls(quant_model, float_model, graph, state["pending"], (), memory_budget)
+        capture = cls(quant_model, float_model, graph, state["pending"], (), memory_budget,
+                      consume)
         capture._num_batches = state["batches"]
         capture._saved = directory
-        capture._consume = consume
         return capture
 
     @property

@@ -2,13 +2,12 @@
 
 A store holds rows (slices along dim 0) of one tensor shape and returns any rows
 by index. :class:`ShardStore` keeps them in raw binary shards described by a
-manifest (shape, dtype, SHA-256), and reads rows with ``os.pread``, so memory
+manifest (shape, dtype, checksum), and reads rows with ``os.pread``, so memory
 stays flat whatever the number of cached samples.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -18,8 +17,9 @@ from typing import Protocol
 
 import torch
 
+from adaround_core.calibration.checksum import buffer_checksum, file_checksum
+
 MANIFEST = "manifest.json"
-_CHUNK = 1 << 20
 
 
 class RowStore(Protocol):
@@ -27,6 +27,7 @@ class RowStore(Protocol):
 
     num_rows: int
     row_shape: tuple[int, ...]
+    row_nbytes: int  # bytes of one row
 
     def gather(self, index: torch.Tensor) -> torch.Tensor: ...
 
@@ -38,6 +39,7 @@ class TensorStore:
         self.tensor = tensor
         self.num_rows = tensor.shape[0]
         self.row_shape = tuple(tensor.shape[1:])
+        self.row_nbytes = tensor[0].nbytes if self.num_rows else 0
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         return self.tensor.index_select(0, index.to(self.tensor.device))
@@ -51,7 +53,7 @@ class ShardInfo:
     rows: int
     row_shape: tuple[int, ...]
     dtype: str
-    sha256: str
+    checksum: str  # adaround_core.calibration.checksum.buffer_checksum of the file
 
 
 class CorruptCacheError(RuntimeError):
@@ -60,15 +62,6 @@ class CorruptCacheError(RuntimeError):
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_shard(directory: Path, file: str, tensor: torch.Tensor) -> ShardInfo:
@@ -84,7 +77,7 @@ def write_shard(directory: Path, file: str, tensor: torch.Tensor) -> ShardInfo:
         f.write(raw)
     os.replace(tmp, directory / file)
     return ShardInfo(file, data.shape[0], tuple(data.shape[1:]), str(data.dtype),
-                     hashlib.sha256(raw).hexdigest())
+                     buffer_checksum([raw]))
 
 
 def write_manifest(directory: Path, groups: dict[str, list[ShardInfo]]) -> None:
@@ -101,9 +94,13 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, list[ShardI
     path = directory / MANIFEST
     if not path.exists():
         raise CorruptCacheError(f"no manifest in {directory} (cache incomplete)")
-    groups = {name: [ShardInfo(s["file"], s["rows"], tuple(s["row_shape"]), s["dtype"],
-                               s["sha256"]) for s in shards]
-              for name, shards in json.loads(path.read_text()).items()}
+    try:
+        groups = {name: [ShardInfo(s["file"], s["rows"], tuple(s["row_shape"]), s["dtype"],
+                                   s["checksum"]) for s in shards]
+                  for name, shards in json.loads(path.read_text()).items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptCacheError(f"the manifest in {directory} is unreadable or written by "
+                                f"another version ({type(err).__name__}: {err})") from None
     if verify:
         for shards in groups.values():
             for shard in shards:
@@ -117,7 +114,7 @@ def _verify(directory: Path, shard: ShardInfo) -> None:
         raise CorruptCacheError(f"shard {path} is missing")
     if path.stat().st_size != _row_bytes(shard) * shard.rows:
         raise CorruptCacheError(f"shard {path} has the wrong size (partial write?)")
-    if file_sha256(path) != shard.sha256:
+    if file_checksum(path) != shard.checksum:
         raise CorruptCacheError(f"shard {path} does not match its checksum")
 
 
@@ -140,7 +137,7 @@ class ShardStore:
         self.row_shape = self.shards[0].row_shape
         self.dtype = _dtype(self.shards[0].dtype)
         self.device = torch.device(device)
-        self._row_bytes = _row_bytes(self.shards[0])
+        self.row_nbytes = _row_bytes(self.shards[0])
         starts = [0]
         for s in self.shards:
             starts.append(starts[-1] + s.rows)
@@ -156,8 +153,8 @@ class ShardStore:
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         index = index.cpu()
         shard_of = torch.searchsorted(self._starts, index, right=True) - 1
-        offsets = (index - self._starts[shard_of]) * self._row_bytes
-        size = self._row_bytes
+        offsets = (index - self._starts[shard_of]) * self.row_nbytes
+        size = self.row_nbytes
         buffer = bytearray(size * len(index))
         view = memoryview(buffer)
         fds = [self._fd(s.file) for s in self.shards]

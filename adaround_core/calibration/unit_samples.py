@@ -34,6 +34,7 @@ class TreeStore:
         stores = [leaf for leaf, rows in zip(leaves, is_rows, strict=True) if rows]
         self.num_rows = stores[0].num_rows
         self.row_shape = stores[0].row_shape
+        self.row_nbytes = sum(store.row_nbytes for store in stores)
 
     def gather(self, index: torch.Tensor) -> Any:
         values = [leaf.gather(index) if rows else leaf

@@ -54,11 +54,26 @@ def fake_quantize(
     qmax: int,
     axis: int | None = None,
 ) -> torch.Tensor:
-    """Round-to-nearest fake quantization, per tensor (``axis=None``) or per channel."""
+    """Round-to-nearest fake quantization, per tensor (``axis=None``) or per channel.
+
+    Without autograd, a per-tensor float32 quantization runs torch's fused kernel (one
+    pass over ``x`` instead of five, the same bits): the forward passes of calibration,
+    capture and evaluation spend much of their time here."""
+    if axis is None and _fusable(x, scale):
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale.reshape(1), zero_point.reshape(1).to(torch.int32), qmin, qmax)
     if axis is not None:
         scale = channel_view(scale, x, axis)
         zero_point = channel_view(zero_point, x, axis)
     return dequantize(quantize_to_int(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
+def _fusable(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether torch's per-tensor fake-quantize kernel gives :func:`fake_quantize`'s bits
+    here: float32, one scale, and no gradient to compute (its gradient differs)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
+    return (not needs_grad and x.dtype == torch.float32 and scale.dtype == torch.float32
+            and scale.numel() == 1)
 
 
 def symmetric_scale(amax: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

@@ -29,8 +29,6 @@ from adaround_core.reconstruction.unit_state import LEARNED, NEAREST, UnitState
 
 logger = logging.getLogger(__name__)
 
-HOLDOUT_CHUNK = 256  # held-out samples evaluated per forward call, at most ...
-HOLDOUT_CHUNK_BYTES = 64 << 20  # ... of this many bytes of inputs and targets
 # Multiplies the seed in a layer's random stream (a prime, larger than any realistic seed
 # difference), so that seed s of one layer and seed s + 1 of another rarely coincide.
 SEED_STRIDE = 1_000_003
@@ -123,7 +121,7 @@ def nearest_weight(layer: QuantLayerMixin) -> torch.Tensor:
 def holdout_mse(layer: QuantLayerMixin, weight: torch.Tensor, samples: LayerSamples) -> float:
     """Mean squared output error of ``layer`` with ``weight`` on the held-out samples."""
     total, count = 0.0, 0
-    for x, target in samples.holdout(HOLDOUT_CHUNK, HOLDOUT_CHUNK_BYTES):
+    for x, target in samples.holdout():
         total += (layer.forward_with_weight(x, weight) - target).pow(2).sum().item()
         count += target.numel()
     return total / max(count, 1)

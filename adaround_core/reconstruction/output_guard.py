@@ -18,7 +18,7 @@ taken over every floating-point tensor in them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -67,7 +67,7 @@ def split_held_out(batches: Iterable[Any], count: int, seed: int,
     a list when ``batches`` is one). With one batch only, nothing can be held out: the guard
     then judges on it, with a warning."""
     is_list = isinstance(batches, (list, tuple))
-    num_batches = len(batches) if is_list else sum(1 for _ in batches)
+    num_batches = len(batches) if isinstance(batches, Sized) else sum(1 for _ in batches)
     held = held_out_indices(num_batches, count, seed)
     if not held:
         logger.warning("guard=output: one calibration batch only, none can be held out; the "
@@ -75,8 +75,18 @@ def split_held_out(batches: Iterable[Any], count: int, seed: int,
         return batches, [next(iter(batches))]
     training = TrainingBatches(batches, held)
     chosen = set(held)
-    return (list(training) if is_list else training,
-            [b for i, b in enumerate(batches) if i in chosen])
+    return list(training) if is_list else training, _chosen(batches, chosen)
+
+
+def _chosen(batches: Iterable[Any], chosen: set[int]) -> list[Any]:
+    """The batches at the ``chosen`` indices, read no further than the last of them."""
+    picked = []
+    for i, batch in enumerate(batches):
+        if i in chosen:
+            picked.append(batch)
+            if len(picked) == len(chosen):
+                break
+    return picked
 
 
 def output_error(outputs: Any, references: Any) -> tuple[float, int]:

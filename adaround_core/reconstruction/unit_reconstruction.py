@@ -30,7 +30,6 @@ from adaround_core.quant.fake_quantize import FakeQuantize, substituted
 from adaround_core.quant.quant_layers import QuantLayerMixin
 from adaround_core.reconstruction.adaround_math import beta_at, reconstruction_loss
 from adaround_core.reconstruction.layer_reconstruction import (
-    HOLDOUT_CHUNK,
     LayerReport,
     model_errors,
     nearest_weight,
@@ -63,7 +62,7 @@ def unit_loss(output: Any, target: Any, channel_dim: int) -> torch.Tensor:
 def holdout_unit_mse(module: nn.Module, samples: LayerSamples) -> float:
     """Mean squared error of the unit's outputs on the held-out samples, as it computes now."""
     total, count = 0.0, 0
-    for inputs, target in samples.holdout(HOLDOUT_CHUNK):
+    for inputs, target in samples.holdout():
         for o, t in zip(tree_leaves(_call(module, inputs)), tree_leaves(target), strict=True):
             total += (o - t).pow(2).sum().item()
             count += t.numel()

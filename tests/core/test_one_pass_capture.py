@@ -293,8 +293,15 @@ def test_saved_frontiers_continue_the_pass_in_another_process(tmp_path):
             assert all(torch.equal(a[k], b[k]) for k in a)
         with pytest.raises(frontier_store.CorruptCacheError, match="another traced graph"):
             next(load_frontiers(tmp_path, "0" * 64))
-        (tmp_path / "frontier_00001.pt").write_bytes(b"garbage")
+        file = tmp_path / "frontier_00001.pt"
+        values = torch.load(file, weights_only=True)  # well-formed, one tensor changed
+        changed = next(k for k, v in values.items() if isinstance(v, torch.Tensor))
+        values[changed] = values[changed] + 1
+        torch.save(values, file)
         with pytest.raises(frontier_store.CorruptCacheError, match="checksum"):
+            list(load_frontiers(tmp_path, graph.fingerprint))
+        file.write_bytes(b"garbage")
+        with pytest.raises(frontier_store.CorruptCacheError, match="cannot be read"):
             list(load_frontiers(tmp_path, graph.fingerprint))
 
 
@@ -391,7 +398,7 @@ def test_a_saved_capture_resumes_where_it_stopped(tmp_path):
 
 
 def test_streamed_frontiers_equal_saved_ones_and_continue_the_pass(tmp_path):
-    """``stream_to`` writes the boundary as ``save`` does, batch by batch, while the layer is
+    """A ``sink`` gets the boundary as ``save`` writes it, batch by batch, while the layer is
     read: the same files' contents, a resume from it continues bit for bit, and so does the
     streaming capture itself (from its directory)."""
     q, batches, order = _capture_state(ResidualCNN(), (2, 3, 8, 8), num_batches=3)
@@ -405,8 +412,8 @@ def test_streamed_frontiers_equal_saved_ones_and_continue_the_pass(tmp_path):
         saved.save(tmp_path / "saved")
         streamed = OnePassCapture(q, float_reference(q), graph, order, batches)
         (tmp_path / "streamed").mkdir()
-        streamed.stream_to(tmp_path / "streamed")
-        x, y = streamed.capture_layer_io(order[0])
+        pairs = list(streamed.iter_layer_io(order[0], sink=tmp_path / "streamed"))
+        x, y = [a for a, _ in pairs], [b for _, b in pairs]
         assert all(torch.equal(a, b) for a, b in zip(x + y, expected[order[0]][0]
                                                      + expected[order[0]][1], strict=True))
         for part in ("quant", "float"):

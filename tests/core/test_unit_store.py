@@ -52,3 +52,19 @@ def test_a_damaged_structure_file_fails_the_checksum_and_cannot_be_read(tmp_path
         read_manifest(tmp_path, verify=True)
     with pytest.raises(CorruptCacheError, match=CALLS_FILE):
         cached_unit_samples(tmp_path, 0.25, torch.Generator().manual_seed(2))
+
+
+def test_unit_holdout_chunks_stay_under_a_byte_budget(tmp_path):
+    """A unit's rows count every tensor leaf (inputs and outputs), in memory and on disk,
+    so a unit's held-out chunks stay under the byte budget as a layer's do."""
+    g = torch.Generator().manual_seed(0)
+    calls = [((torch.randn(8, 3, generator=g),), {"mask": torch.ones(8, 2, dtype=torch.bool)},
+              (torch.randn(8, 4, generator=g),)) for _ in range(4)]
+    row = 3 * 4 + 2 * 1 + 4 * 4  # bytes of one row: float inputs, bool mask, float outputs
+    write_unit_cache(tmp_path, calls)
+    for samples in (unit_samples("block", calls, 0.5, torch.Generator().manual_seed(1)),
+                    cached_unit_samples(tmp_path, 0.5, torch.Generator().manual_seed(1))):
+        group = samples._groups[0]
+        assert group.inputs.row_nbytes + group.targets.row_nbytes == row
+        sizes = [chunk[0][0][0].shape[0] for chunk in samples.holdout(max_bytes=3 * row + 1)]
+        assert sizes == [3] * 5 + [1]  # 16 held-out rows

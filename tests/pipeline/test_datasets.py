@@ -106,6 +106,7 @@ def test_calibration_batches_of_a_dataset_source_are_streamed_not_held(tmp_path,
     iterated (item 0 reads one batch only) and the digest is checked after a full pass."""
     import counting_source
 
+    from adaround_core.reconstruction.output_guard import held_out_indices, split_held_out
     from tasks.data import prepare_data
     from tasks.layout import Layout
     from tasks.stage_data import CalibrationBatches, open_data
@@ -119,6 +120,13 @@ def test_calibration_batches_of_a_dataset_source_are_streamed_not_held(tmp_path,
     dataset = prepare_data.fn(params, str(Layout(params).dataset))
     batches = open_data(params, dataset).calibration(torch.device("cpu"))
     assert isinstance(batches, CalibrationBatches) and batches.num_samples == 40
+    counting_source.READS.clear()
+    assert len(batches) == 3 and counting_source.READS == []  # the data stage counted them
+    assert len(batches[-1]) == 8 and counting_source.READS == list(range(40))  # one pass
+    counting_source.READS.clear()
+    training, held = split_held_out(batches, 1, seed=0)  # reads up to the held-out batch
+    (index,) = held_out_indices(3, 1, 0)
+    assert counting_source.READS == list(range(16 * index + len(held[0])))
     counting_source.READS.clear()
     first = batches[0]
     assert first.shape == (16, 1, 8, 8) and counting_source.READS == list(range(16))

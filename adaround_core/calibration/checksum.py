@@ -1,0 +1,60 @@
+"""Checksums of the bytes a run caches (activation shards, paused forward passes).
+
+A cache is a shortcut recomputed when it is damaged, so its checksum has to catch torn
+writes and bit rot, not tampering: xxh3-128 does that at memory speed (about 10 GB/s here,
+where SHA-256 manages 1.4 GB/s, and a 224-pixel ResNet capture hashes tens of GB).
+:func:`file_sha256` is the content identity of files that are kept (checkpoints, data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+
+from adaround_core.torch_private import tree_leaves
+
+_CHUNK = 1 << 20
+
+
+def buffer_checksum(buffers: Iterable[Any]) -> str:
+    """xxh3-128 of ``buffers`` (bytes-like) one after the other, as a hex string."""
+    digest = xxhash.xxh3_128()
+    for buffer in buffers:
+        digest.update(buffer)
+    return digest.hexdigest()
+
+
+def file_checksum(path: Path) -> str:
+    """:func:`buffer_checksum` of a file's bytes, read in 1 MiB chunks."""
+    with open(path, "rb") as f:
+        return buffer_checksum(iter(lambda: f.read(_CHUNK), b""))
+
+
+def storage_bytes(tensor: torch.Tensor) -> Any:
+    """The bytes of ``tensor``'s whole storage, without a copy (a CPU tensor)."""
+    storage = tensor.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if storage.nbytes() else b""
+
+
+def tree_checksum(values: Any) -> str:
+    """:func:`buffer_checksum` of the storages of the tensors in ``values`` (a nest of
+    containers), each shared storage once, in order of first appearance."""
+    storages: dict[int, torch.Tensor] = {}
+    for leaf in tree_leaves(values):
+        if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().nbytes():
+            storages.setdefault(leaf.untyped_storage().data_ptr(), leaf)
+    return buffer_checksum(storage_bytes(t) for t in storages.values())
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
