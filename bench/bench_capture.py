@@ -100,7 +100,7 @@ def run_method(one_pass: bool, num_batches: int, batch_size: int, threads: int,
     torch.manual_seed(1)
     batches = [torch.randn(batch_size, 3, 64, 64) for _ in range(num_batches)]
     model = _calibrated(batches)
-    names, calls = rounding_order(model, batches[0], [])
+    names, calls, _ = rounding_order(model, batches[0], [])
     units = plan_units(model, names, AdaRoundConfig(granularity=granularity))
     calls |= block_calls(model, units, batches[0])
     layers = quant_layers(model)

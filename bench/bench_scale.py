@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from bench.bench_flop_floor import FLOP_SHARE, WITHIN, machine_rates
+from tasks.disk_usage import tree_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -86,20 +87,6 @@ def pipeline_params(args: argparse.Namespace, workdir: Path) -> dict:
     return params
 
 
-def directory_bytes(path: Path) -> int:
-    """Bytes of the files under ``path``, each file once: a directory renamed while the walk
-    runs (a finished cache moved into ``cache/trash``) is not counted in both places."""
-    sizes: dict[tuple[int, int], int] = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                stat = os.stat(os.path.join(root, name))
-            except OSError:  # removed while walking
-                continue
-            sizes[(stat.st_dev, stat.st_ino)] = stat.st_size
-    return sum(sizes.values())
-
-
 def run_stage(stage: str, params_file: Path, cache_dir: Path | None = None) -> dict:
     """Run ``python -m flows <stage>``: wall time, peak RSS of that process (``wait4``), and
     with ``cache_dir`` the peak disk under it."""
@@ -107,7 +94,7 @@ def run_stage(stage: str, params_file: Path, cache_dir: Path | None = None) -> d
 
     def poll() -> None:
         while not done.wait(0.2):
-            peak[0] = max(peak[0], directory_bytes(cache_dir))
+            peak[0] = max(peak[0], tree_bytes(cache_dir))
 
     if cache_dir:
         threading.Thread(target=poll, daemon=True).start()

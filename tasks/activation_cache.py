@@ -146,7 +146,8 @@ def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
         model, reference = layer_models(job.params, job.dataset, job.float_model,
                                         job.calibrated, job.previous)
         wait_for_removals()  # the previous layer's cache is off the disk before this one
-        with rounding_mode(model, job.params.adaround.num_threads):
+        threads = job.capture_threads or job.params.adaround.num_threads
+        with rounding_mode(model, threads):
             tmp, rows, source = _capture(job, directory, model, reference, temporaries)
         _publish(tmp, directory)
     except OSError as err:

@@ -31,6 +31,8 @@ class LayerPlan:
     # granularity block: the layers of each block unit (a block is named in ``names`` in
     # place of its layers, and reconstructed as one resumable unit)
     blocks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # threads of the capture tasks (None: the engine's default), sized by the largest layer
+    capture_threads: int | None = None
 
 
 @dataclass(frozen=True)

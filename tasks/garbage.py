@@ -3,7 +3,8 @@
 What is reachable is found as the adaround stage finds it: the layer plan is walked in
 order, each layer's key depending on the rounded weights of the layers before it. The walk
 stops at the first layer without a valid result, since later layers' keys are unknown until
-it is rounded. Everything else under ``<cache_dir>/activations``, ``<cache_dir>/frontiers``
+it is rounded. Results of torchrun runs are keyed by their number of ranks as well: the plan
+is walked once more for each number of ranks the results record. Everything else under ``<cache_dir>/activations``, ``<cache_dir>/frontiers``
 (the forward passes one layer's capture leaves for the next), ``<cache_dir>/trash`` (finished
 caches a killed run had not finished deleting) and ``<results_dir>/layers``
 (leftover temporary files and directories included) is garbage. Call under the output lock:
@@ -16,10 +17,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.artifacts import Artifact, LayerResult
+from safetensors import safe_open
+
+from tasks.artifacts import Artifact, LayerPlan, LayerResult
 from tasks.cache_removal import TRASH
+from tasks.disk_usage import tree_bytes
 from tasks.layer_jobs import LayerJob, plan_job
-from tasks.layer_results import valid_result
+from tasks.layer_results import WORLD_SIZE, valid_result
 from tasks.layout import Layout, existing
 from tasks.params import PipelineParams
 from tasks.planning import plan_layers
@@ -49,14 +53,38 @@ def _inputs(params: PipelineParams) -> tuple[Artifact, Artifact, Artifact]:
 def reachable_paths(params: PipelineParams) -> set[Path]:
     """Cache and frontier directories and result files the current configuration uses:
     every layer's up to the first layer without a valid result (whose cache directory and
-    frontiers are kept)."""
+    frontiers are kept), in one process and under each number of torchrun ranks."""
     inputs = _inputs(params)
     plan = plan_layers.fn(params, *inputs)
+    paths: set[Path] = set()
+    for world_size in (None, *_result_world_sizes(params)):
+        paths |= _walk(params, inputs, plan, world_size)
+    return paths
+
+
+def _result_world_sizes(params: PipelineParams) -> list[int]:
+    """The numbers of torchrun ranks recorded by the result files (unreadable ones skipped:
+    they are garbage anyway)."""
+    sizes = set()
+    for path in (Path(params.runtime.results_dir) / "layers").glob("*.safetensors"):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                size = (f.metadata() or {}).get(WORLD_SIZE)
+        except Exception:  # noqa: BLE001, S112 - any unreadable file is garbage, not a size
+            continue
+        if size and size.isdigit():
+            sizes.add(int(size))
+    return sorted(sizes)
+
+
+def _walk(params: PipelineParams, inputs: tuple[Artifact, Artifact, Artifact], plan: LayerPlan,
+          world_size: int | None) -> set[Path]:
+    """The paths of :func:`reachable_paths` for results keyed by ``world_size`` ranks."""
     paths: set[Path] = set()
     results: list[LayerResult] = []
     job: LayerJob | None = None
     for _ in plan.names:
-        job = plan_job(params, *inputs, plan, results, upstream=job)
+        job = plan_job(params, *inputs, plan, results, upstream=job, world_size=world_size)
         paths.update((job.cache_dir(), job.frontier_dir()))
         result = valid_result(job)  # an invalid file is garbage: a run would delete it
         if result is None:
@@ -66,13 +94,6 @@ def reachable_paths(params: PipelineParams) -> set[Path]:
     return paths
 
 
-def _size(path: Path) -> int:
-    """Bytes of a file, or of every file under a directory (links not followed)."""
-    if path.is_dir() and not path.is_symlink():
-        return sum(f.lstat().st_size for f in path.rglob("*") if not f.is_dir())
-    return path.lstat().st_size
-
-
 def find_garbage(params: PipelineParams) -> list[Garbage]:
     """Everything under the caches' and results' folders that is not reachable, sorted."""
     keep = reachable_paths(params)
@@ -80,7 +101,7 @@ def find_garbage(params: PipelineParams) -> list[Garbage]:
              Path(params.runtime.cache_dir) / "frontiers",
              Path(params.runtime.cache_dir) / TRASH,  # left by a run killed mid-deletion
              Path(params.runtime.results_dir) / "layers")
-    return [Garbage(path, _size(path)) for root in roots if root.is_dir()
+    return [Garbage(path, tree_bytes(path)) for root in roots if root.is_dir()
             for path in sorted(root.iterdir()) if path not in keep]
 
 

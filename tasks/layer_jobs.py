@@ -61,6 +61,9 @@ class LayerJob:
     previous: tuple[LayerResult, ...]
     chain: CaptureChain | None = None  # None: capture with a partial pass per batch
     block: tuple[str, ...] = ()  # granularity block: the layers of the block ``name``
+    # the torchrun world size the result is keyed by; None: this process's (gc walks others)
+    world_size: int | None = None
+    capture_threads: int | None = None  # LayerPlan.capture_threads
 
     def _digest(self, *extra: object) -> str:
         payload = [self.dataset.digest, self.calibrated.digest, code_version(),
@@ -102,8 +105,17 @@ class LayerJob:
         ignored = ROUNDING_KEYS_IGNORED | ({"guard_batches"} if not guards_output(self.params)
                                            else set())
         rounding = self.params.adaround.model_dump(mode="json", exclude=ignored)
-        ranks = current_group()  # torchrun: the sum over the ranks' slices is another sum
-        return self._digest(rounding, *([f"ranks/{ranks.world_size}"] if ranks else []))
+        # torchrun: the sum over the ranks' slices is another sum
+        world_size = self.result_world_size
+        return self._digest(rounding, *([f"ranks/{world_size}"] if world_size else []))
+
+    @property
+    def result_world_size(self) -> int | None:
+        """The torchrun world size of :attr:`result_key` (None: one process)."""
+        if self.world_size is not None:
+            return self.world_size
+        ranks = current_group()
+        return ranks.world_size if ranks else None
 
     def cache_dir(self) -> Path:
         return (Path(self.params.runtime.cache_dir) / "activations"
@@ -130,14 +142,16 @@ class LayerJob:
 
 def plan_job(params: PipelineParams, dataset: Artifact, float_model: Artifact,
              calibrated: Artifact, plan: LayerPlan, results: Sequence[LayerResult],
-             upstream: LayerJob | None = None) -> LayerJob:
+             upstream: LayerJob | None = None, world_size: int | None = None) -> LayerJob:
     """The job of the plan's unit (a layer, or a block) after ``results`` (the earlier units'
     results, in plan order); ``upstream`` is the previous unit's job (None for the first).
-    Where the plan found the model segmentable the job continues the previous layer's pass."""
+    Where the plan found the model segmentable the job continues the previous layer's pass.
+    ``world_size`` keys the result as a torchrun run of that size would (for ``gc``)."""
     name = plan.names[len(results)]
     chain = None
     if plan.capture_method == ONE_PASS:
         chain = CaptureChain(tuple(plan.names), upstream.cache_key if upstream else "",
                              tuple(plan.blocks))
     return LayerJob(params, dataset, float_model, calibrated, name, plan.calls[name],
-                    tuple(results), chain, plan.blocks.get(name, ()))
+                    tuple(results), chain, plan.blocks.get(name, ()), world_size,
+                    plan.capture_threads)

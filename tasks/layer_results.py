@@ -18,6 +18,7 @@ from tasks.params import PipelineParams
 from tasks.run_logging import run_logger
 
 WEIGHT_DIGEST = "weight_sha256"  # metadata entry: result_digest of the result's tensors
+WORLD_SIZE = "world_size"  # metadata entry of a torchrun run's result: its number of ranks
 RESULT_METADATA = ("key", "report", WEIGHT_DIGEST)
 
 
@@ -110,9 +111,11 @@ def write_result(job: LayerJob, tensors: dict[str, torch.Tensor], report: dict) 
     """Save a layer's result tensors (``weight``, learned input qparams) atomically with its
     key, report and digest."""
     digest = result_digest(tensors)
+    world_size = job.result_world_size
     save_tensors(job.result_path(), tensors,
                  metadata={"report": json.dumps(report), "key": job.result_key,
-                           WEIGHT_DIGEST: digest})
+                           WEIGHT_DIGEST: digest,
+                           **({WORLD_SIZE: str(world_size)} if world_size else {})})
     return LayerResult(job.name, str(job.result_path()), digest, report)
 
 

@@ -4,6 +4,8 @@ inputs are captured (one continued pass where the model's graph allows it); with
 
 from __future__ import annotations
 
+from adaround_core.calibration.batches import model_device
+from adaround_core.reconstruction.threads import capture_threads
 from adaround_core.reconstruction.unit_order import block_calls
 from adaround_core.reconstruction.units import plan_units
 from adaround_core.reconstruction.weight_reconstruction import rounding_order
@@ -24,7 +26,8 @@ def plan_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact
     batches = calibration_inputs(params, dataset)
     example = batches[0]
     model = calibrated_model(params, dataset, float_model, calibrated)
-    names, calls = rounding_order(model, example, params.adaround.exclude_prefix)
+    names, calls, largest_call = rounding_order(model, example, params.adaround.exclude_prefix)
+    threads = capture_threads(params.adaround.num_threads, model_device(model), largest_call)
     blocks = {}
     if params.adaround.granularity == "block":
         units = plan_units(model, names, params.adaround)
@@ -34,8 +37,9 @@ def plan_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact
     method, note = capture_verdict(model, names, example, params.adaround.num_threads,
                                    list(blocks))
     cache_bytes = layer_cache_bytes(model, names, batches)
-    run_logger(__name__).info("rounding %d units on %s: %s; capture: %s%s; largest "
-                              "activation cache %.1f MiB", len(names), compute_device(params),
-                              names, method, f" ({note})" if note else "",
+    run_logger(__name__).info("rounding %d units on %s: %s; capture: %s%s on %d thread(s); "
+                              "largest activation cache %.1f MiB", len(names),
+                              compute_device(params), names, method,
+                              f" ({note})" if note else "", threads,
                               max(cache_bytes.values(), default=0) / 2**20)
-    return LayerPlan(names, calls, method, note, cache_bytes, blocks)
+    return LayerPlan(names, calls, method, note, cache_bytes, blocks, threads)

@@ -10,6 +10,10 @@ from tasks.io import atomic_write_bytes, write_json
 from tasks.layout import Layout
 from tasks.metrics import metrics_file
 
+ERROR_COLUMNS = ("index", "layer", "nearest_mse", "adaround_mse", "decision")
+# with guard: output, each layer's error on the model's output too
+OUTPUT_ERROR_COLUMNS = ("nearest_output_mse", "adaround_output_mse")
+
 
 def write_layer_outputs(layout: Layout, results: list[LayerResult],
                         capture: dict[str, str] | None = None,
@@ -19,19 +23,20 @@ def write_layer_outputs(layout: Layout, results: list[LayerResult],
     the layers' inputs: ``capture_method``, ``capture_note``; with ``cache_bytes``, the size
     of each layer's activation cache; with ``capture_seconds``, the time this run spent
     capturing it, 0 for a reused result; ``seconds`` is the rounding's time) and
-    ``layer_errors.csv``."""
+    ``layer_errors.csv`` (the errors of :data:`ERROR_COLUMNS`, and the output's where the
+    run judged the layers on it)."""
     rows = [{"index": i, "layer": r.name, "result": r.path, **r.report, **(capture or {}),
              **({"cache_bytes": cache_bytes.get(r.name, 0)} if cache_bytes else {}),
              **({"capture_seconds": round(capture_seconds.get(r.name, 0.0), 3)}
                 if capture_seconds is not None else {})}
             for i, r in enumerate(results)]
     write_json(layout.layer_report, rows)
+    judged = [c for c in OUTPUT_ERROR_COLUMNS if any(row.get(c) is not None for row in rows)]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, ["index", "layer", "nearest_mse", "adaround_mse", "decision"],
-                            lineterminator="\n")
+    writer = csv.DictWriter(buffer, [*ERROR_COLUMNS, *judged], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row[k] for k in writer.fieldnames})
+        writer.writerow({k: row.get(k) for k in writer.fieldnames})
     atomic_write_bytes(layout.layer_plot, buffer.getvalue().encode())
 
 

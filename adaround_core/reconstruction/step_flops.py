@@ -12,8 +12,10 @@ regulariser, Adam) is proportional to the weight alone and is not counted.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 FLOPS_PER_MAC = 2
@@ -29,6 +31,28 @@ def step_flops(layer: nn.Module, row_shape: Sequence[int], batch_size: int) -> i
     """FLOPs of one AdaRound step: forward and weight gradient on ``batch_size`` rows of
     ``row_shape`` (one row = one sample, dim 0 of the captured input)."""
     return GEMMS_PER_STEP * forward_flops(layer, (batch_size, *row_shape))
+
+
+class LargestCall:
+    """Inside its ``with`` block, the FLOPs of the largest forward call of ``layers`` so
+    far (:attr:`flops`): what sizes the ops of capturing their inputs."""
+
+    def __init__(self, layers: Iterable[nn.Module]) -> None:
+        self.layers, self.flops = list(layers), 0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> LargestCall:
+        self._handles = [layer.register_forward_pre_hook(self._measure) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _measure(self, layer: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            self.flops = max(self.flops, forward_flops(layer, args[0].shape))
 
 
 def _positions(layer: nn.Module, shape: tuple[int, ...]) -> int:

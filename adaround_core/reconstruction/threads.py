@@ -16,7 +16,9 @@ from collections.abc import Iterator
 
 import torch
 
-# Capture and everything outside a layer's own optimisation run with this on CPU: the
+from adaround_core.reconstruction.step_flops import GEMMS_PER_STEP
+
+# Setup and everything outside a layer's own optimisation run with this on CPU: the
 # per-step tensors of the small models it was measured on ran about 5x faster with one
 # thread than with two on a 2-core machine (bench/bench_digits.py, "Thread setting" in
 # BENCHMARKS.md).
@@ -59,6 +61,14 @@ def layer_threads(requested: int | None, device: torch.device, step_flops: int) 
     if requested is not None or device.type != "cpu":
         return choose_threads(requested, device)
     return AVAILABLE_CPU_THREADS if step_flops >= PARALLEL_MIN_STEP_FLOPS else DEFAULT_CPU_THREADS
+
+
+def capture_threads(requested: int | None, device: torch.device, forward_flops: int) -> int:
+    """Threads for capturing the layers' inputs (both models' forward passes over the
+    calibration batches) when the largest layer call costs ``forward_flops``: what
+    :func:`layer_threads` gives a step of that size (a 224-pixel CNN's convolutions on a
+    calibration batch use every core; the digits model's stay on one thread)."""
+    return layer_threads(requested, device, GEMMS_PER_STEP * forward_flops)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,6 +24,8 @@ from adaround_core.reconstruction.output_guard import OutputGuard, guarded_batch
 from adaround_core.reconstruction.reconstruction_config import AdaRoundConfig
 from adaround_core.reconstruction.report import ReconstructionReport
 from adaround_core.reconstruction.rounding_mode import rounding_mode
+from adaround_core.reconstruction.step_flops import LargestCall
+from adaround_core.reconstruction.threads import capture_threads
 from adaround_core.reconstruction.unit_order import (
     block_calls,
     reconstruct_units,
@@ -70,10 +72,12 @@ def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
                               cfg.num_batches)
     data.check_all()
     check_any_calibrated(layers)  # before any forward pass (one may fold BatchNorms)
-    selected, calls = rounding_order(calib_model, data.first(), cfg.exclude_prefix)
+    selected, calls, largest_call = rounding_order(calib_model, data.first(),
+                                                   cfg.exclude_prefix)
     units = plan_units(calib_model, selected, cfg)
     calls |= block_calls(calib_model, units, data.first())
-    with rounding_mode(calib_model, cfg.num_threads) as num_threads:
+    threads = capture_threads(cfg.num_threads, model_device(calib_model), largest_call)
+    with rounding_mode(calib_model, threads) as num_threads:
         if cfg.granularity == "block":
             report = reconstruct_units(calib_model, layers, units, calls, data, cfg,
                                        ONE_PASS_CAPTURE)
@@ -86,17 +90,25 @@ def weight_reconstruction(calib_model: nn.Module, batches: Iterable[Any],
 mix_calibration = weight_reconstruction  # the seed's name for the DataLoader call
 
 
-def rounding_order(model: nn.Module, batch: Any, exclude_prefix: list[str],
-                   ) -> tuple[list[str], dict[str, int]]:
+class RoundingOrder(NamedTuple):
+    """What :func:`rounding_order` reads off one forward pass."""
+
+    names: list[str]  # the layers to round, in first-call order
+    calls: dict[str, int]  # how often each is called per forward
+    largest_call_flops: int  # FLOPs of the largest layer call: sizes capture's threads
+
+
+def rounding_order(model: nn.Module, batch: Any, exclude_prefix: list[str]) -> RoundingOrder:
     """The layers to round, in the order a float forward pass on ``batch`` first calls
     them, minus ``exclude_prefix``, and how often each is called per forward; checks they
     are calibrated. Changes nothing but a pending BatchNorm fold."""
     layers = quant_layers(model)
-    with eval_mode(model), fake_quant_state(model, FakeQuantState.FLOAT):
+    with eval_mode(model), fake_quant_state(model, FakeQuantState.FLOAT), \
+            LargestCall(layers.values()) as largest:
         order, calls = first_call_order(model, layers, batch)
     selected = select_layers(order, exclude_prefix)
     check_calibrated(layers, selected)
-    return selected, {name: calls[name] for name in selected}
+    return RoundingOrder(selected, {name: calls[name] for name in selected}, largest.flops)
 
 
 def _reconstruct_layers(model: nn.Module, layers: dict[str, QuantLayerMixin], selected: list[str],

@@ -43,9 +43,21 @@ def test_threads_follow_each_layers_work_and_are_restored(h, fast_cfg, monkeypat
     assert torch.get_num_threads() == 3
     assert {r.name: r.step_flops for r in report} == STEP_FLOPS
     assert [r.threads for r in report] == seen["inside"] == [1, 2, 1]
-    assert seen["around"] == [1] * 6  # capture's setting before and after every layer
-    assert report.num_threads == 1
+    # capture's setting before and after every layer: sized by the largest layer (conv2's
+    # forward on a calibration batch of the step's size is a step of conv2's size)
+    assert seen["around"] == [2] * 6
+    assert report.num_threads == 2
     assert [rec["threads"] for rec in report.to_records()] == [1, 2, 1]
+
+
+def test_capture_stays_on_one_thread_below_the_threshold(h, fast_cfg, monkeypatch):
+    monkeypatch.setattr(threads, "AVAILABLE_CPU_THREADS", 2)
+    monkeypatch.setattr(threads, "PARALLEL_MIN_STEP_FLOPS", STEP_FLOPS["conv2"] + 1)
+    seen = _spy(monkeypatch)
+    _, q, batches = h.calibrated_cnn()
+    report = weight_reconstruction(q, batches, None, fast_cfg)
+    assert seen["around"] == [1] * 6 and report.num_threads == 1
+    assert [r.threads for r in report] == [1, 1, 1]
 
 
 def test_explicit_num_threads_holds_for_every_layer(h, fast_cfg, monkeypatch):

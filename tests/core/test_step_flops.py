@@ -9,7 +9,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaround_core.quant.quant_layers import quant_layers
 from adaround_core.quantization import QConfig, prepare_qat_fx
-from adaround_core.reconstruction.step_flops import forward_flops, step_flops
+from adaround_core.reconstruction.step_flops import (
+    LargestCall,
+    forward_flops,
+    step_flops,
+)
 
 # (layer, input shape, forward FLOPs = 2 * MACs, computed by hand)
 CASES = [
@@ -47,6 +51,21 @@ def test_quantized_layers_are_counted_like_their_float_class():
     layers = quant_layers(prepare_qat_fx(model, QConfig()))
     assert step_flops(layers["0"], (3, 6, 6), 4) == 2 * 2 * 4 * 16 * 8 * 27
     assert step_flops(layers["2"], (128,), 4) == 2 * 2 * 4 * 128 * 5
+
+
+def test_the_largest_call_is_measured_inside_the_block_only():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    q = prepare_qat_fx(model, QConfig())
+    layers = quant_layers(q)
+    x = torch.randn(4, 3, 6, 6)
+    conv = 2 * 4 * 16 * 8 * 27  # batch 4, 4x4 outputs: larger than the Linear's 2*4*128*5
+    with LargestCall(layers.values()) as both, torch.no_grad():
+        q(x)
+    with LargestCall([layers["2"]]) as linear, torch.no_grad():
+        q(x)
+    q(torch.randn(9, 3, 6, 6))  # after the blocks: not measured
+    assert (both.flops, linear.flops) == (conv, 2 * 4 * 128 * 5)
+    assert not any(layer._forward_pre_hooks for layer in layers.values())
 
 
 def test_unknown_layer_is_an_error():

@@ -115,3 +115,31 @@ def test_sizes_and_report_lines():
     assert format_garbage(items, dry_run=False) \
         == "removed    2.0 KiB  /r/layers/a.safetensors\nfreed 2.0 KiB (1 item)"
     assert format_garbage([], dry_run=True) == "would free 0 B (0 items)"
+
+
+def test_gc_keeps_the_results_of_a_torchrun_run(project, pipe):
+    """Results keyed by a number of ranks (what a torchrun run of the same settings writes)
+    are reachable; those of other settings are garbage as in one process."""
+    import torch
+
+    from tasks.garbage import _inputs
+    from tasks.layer_jobs import plan_job
+    from tasks.layer_results import write_result
+    from tasks.planning import plan_layers
+
+    def write_ranked(params, count: int) -> list[Path]:
+        inputs = _inputs(params)
+        plan = plan_layers.fn(params, *inputs)
+        results, job = [], None
+        for _ in plan.names[:count]:
+            job = plan_job(params, *inputs, plan, results, upstream=job, world_size=2)
+            results.append(write_result(job, {"weight": torch.randn(4)}, {"seconds": 0.0}))
+        return [Path(r.path) for r in results]
+
+    params = pipe.params(project)
+    kept = write_ranked(params, len(pipe.layers))
+    other = write_ranked(_with_steps(params, STEPS_B), 2)
+    assert set(kept).isdisjoint(other)
+    garbage = {item.path for item in collect_garbage(params, dry_run=False)}
+    assert garbage == set(other)
+    assert all(path.exists() for path in kept)

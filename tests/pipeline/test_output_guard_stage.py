@@ -3,6 +3,7 @@ judge each layer on the model's output, and the report records the decisions."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -52,6 +53,12 @@ def test_the_report_records_each_decision_and_the_output_errors(rounded, pipe):
         assert row["decision"] in DECISIONS, row
         worse = row["adaround_output_mse"] > row["nearest_output_mse"]
         assert (row["decision"] == "nearest(output)") == worse, row
+    with open(layout.layer_plot, newline="") as f:  # the plot's table has them too
+        table = list(csv.DictReader(f))
+    assert [r["layer"] for r in table] == pipe.layers
+    for row, line in zip(rows, table, strict=True):
+        assert float(line["nearest_output_mse"]) == row["nearest_output_mse"]
+        assert float(line["adaround_output_mse"]) == row["adaround_output_mse"]
 
 
 def test_the_pipeline_rounds_as_the_library_does(rounded, pipe):

@@ -314,3 +314,30 @@ def test_layer_keys_carry_the_automatic_thread_choice(params, inputs, monkeypatc
     pinned_keys = pinned.result_key, pinned.cache_key
     monkeypatch.setattr(layer_jobs, "AVAILABLE_CPU_THREADS", 64)
     assert (pinned.result_key, pinned.cache_key) == pinned_keys  # num_threads set: cores irrelevant
+
+
+def test_capture_threads_follow_the_largest_layer(params, inputs, monkeypatch):
+    """The plan sizes the capture tasks' threads by the largest layer call (one thread for
+    the tiny test model, every core once a call reaches the threshold), and the cache task
+    captures with them."""
+    from adaround_core.reconstruction import threads
+    from tasks import activation_cache
+
+    assert plan_layers.fn(params, *inputs).capture_threads == 1
+    monkeypatch.setattr(threads, "AVAILABLE_CPU_THREADS", 2)
+    monkeypatch.setattr(threads, "PARALLEL_MIN_STEP_FLOPS", 1)
+    plan = plan_layers.fn(params, *inputs)
+    assert plan.capture_threads == 2
+    seen = []
+    capture = activation_cache._capture
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return capture(*args, **kwargs)
+
+    monkeypatch.setattr(activation_cache, "_capture", spy)
+    job = dataclasses.replace(_job(params, inputs, "conv1"), capture_threads=plan.capture_threads,
+                              params=params.model_copy(update={"runtime": params.runtime.model_copy(
+                                  update={"cache_dir": str(Path(params.runtime.cache_dir) / "t")})}))
+    cache_layer_activations.fn(job)
+    assert seen == [2]
