@@ -9,10 +9,11 @@ from pathlib import Path
 def tree_bytes(path: Path) -> int:
     """Bytes of a file, or of the files under a directory (links not followed), each file
     once: a directory renamed while the walk runs (a finished cache moved into
-    ``cache/trash``) is not counted in both places, and a file removed meanwhile not at all."""
+    ``cache/trash``) is not counted in both places, and a file removed meanwhile (or a
+    path that does not exist) not at all."""
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
-        return path.lstat().st_size
+        return path.lstat().st_size if os.path.lexists(path) else 0
     sizes: dict[tuple[int, int], int] = {}
     for root, _, files in os.walk(path):
         for name in files:

@@ -17,3 +17,7 @@ def test_tree_bytes_counts_each_file_once(tmp_path):
     assert tree_bytes(tmp_path / "a") == 100 + 30 + link_size
     assert tree_bytes(tmp_path / "a" / "x") == 100
     assert tree_bytes(tmp_path) == 100 + 30 + 1000 + link_size
+
+
+def test_a_missing_path_holds_nothing(tmp_path):
+    assert tree_bytes(tmp_path / "not-yet") == 0
