@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from adaround_core.calibration.frontier_store import release_held
 from adaround_core.calibration.one_pass_capture import CAPTURE_STATE
 from adaround_core.calibration.sample_store import (
     CorruptCacheError,
@@ -111,6 +112,7 @@ def _capture(job: LayerJob, directory: Path, model: nn.Module, reference: nn.Mod
         run_logger(__name__).warning("%s: frontiers %s are unusable (%s: %s); deleted, the "
                                      "pass starts from the model input", job.name, upstream,
                                      type(err).__name__, err)
+        release_held(upstream)
         shutil.rmtree(upstream, ignore_errors=True)
         return _capture_once(job, directory, model, reference, batches, temporaries,
                              upstream=False)
@@ -186,4 +188,5 @@ def remove_used_frontiers(job: LayerJob) -> None:
     caches)."""
     directory = job.upstream_frontier_dir()
     if directory is not None:
+        release_held(directory)
         remove_in_background(directory, Path(job.params.runtime.cache_dir))

@@ -36,6 +36,7 @@ from adaround_core.calibration.unit_samples import Call
 from adaround_core.quant.fake_quantize import FakeQuantize
 from adaround_core.quant.quant_layers import QuantLayerMixin
 from adaround_core.reconstruction.rounding_mode import rounding_mode
+from tasks.cache_removal import unlink_in_background
 from tasks.layer_jobs import LayerJob
 from tasks.run_logging import run_logger
 
@@ -133,8 +134,17 @@ def open_capture(job: LayerJob, model: nn.Module, reference: nn.Module,
     if resumed is not None:
         return LayerCapture(job, model, reference, batches, resumed,
                             f"continued from {job.upstream_frontier_dir()}")
-    capture = OnePassCapture(model, reference, graph, order[order.index(job.name):], batches)
+    capture = OnePassCapture(model, reference, graph, order[order.index(job.name):], batches,
+                             hold_budget=hold_budget(job))
     return LayerCapture(job, model, reference, batches, capture, "from the model input")
+
+
+def hold_budget(job: LayerJob) -> int:
+    """Bytes of frontiers the job's capture may hand to the next layer in memory
+    (``runtime.frontier_memory_mb``; none when caches are kept: kept frontiers must
+    outlive this process)."""
+    runtime = job.params.runtime
+    return 0 if runtime.keep_cache else runtime.frontier_memory_mb << 20
 
 
 def _resume(job: LayerJob, model: nn.Module, reference: nn.Module,
@@ -157,7 +167,9 @@ def _resume(job: LayerJob, model: nn.Module, reference: nn.Module,
         # each file deleted once read, unless caches are kept: the disk then holds the
         # boundary being continued or the one being written, not both whole
         capture = OnePassCapture.resume(model, reference, graph, directory,
-                                        consume=not job.params.runtime.keep_cache)
+                                        consume=False if job.params.runtime.keep_cache
+                                        else unlink_in_background,
+                                        hold_budget=hold_budget(job))
     except CorruptCacheError:
         raise
     except Exception as err:  # noqa: BLE001 - frontiers are a shortcut: any fault means start over

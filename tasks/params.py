@@ -103,6 +103,9 @@ class RuntimeParams(_Section):
     cache_dir: str = "cache"
     lock_timeout: float = Field(60.0, ge=0)  # seconds to wait for another run on these dirs
     keep_cache: bool = False  # keep each layer's activation cache after its result is written
+    # MiB of paused forward passes a layer's capture hands to the next one in memory
+    # instead of on disk (0: all on disk; unused with keep_cache, whose are kept on disk)
+    frontier_memory_mb: int = Field(1024, ge=0)
     device: str = "cpu"  # calibration, activation caching, AdaRound, evaluation: cpu | cuda[:N] | auto
 
     @field_validator("device")

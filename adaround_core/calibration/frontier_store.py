@@ -11,8 +11,11 @@ number of batches.
 batch's frontier, with a manifest naming the graph and each frontier's checksum) so another
 process can continue the pass from there: the pipeline's per-layer tasks. Their bytes are
 the bulk of a large model's capture, so each is written once straight from the tensors
-(``torch.save`` to the file, no zip CRC) and mapped back without a copy (``mmap``); the
-checksum is taken over the tensor storages in memory on both sides.
+(``torch.save`` to the file, no zip CRC) and read back once into fresh tensors (not
+mapped: the next nodes write into them, and copy-on-write faults on a mapped file cost
+about 4x a read); the checksum is taken over the tensor storages in memory on both sides. A writer with a
+``hold_budget`` keeps frontiers in this process's memory instead, up to that many bytes
+(:mod:`~adaround_core.calibration.held_frontiers`).
 """
 
 from __future__ import annotations
@@ -21,15 +24,18 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch.utils.serialization import config as serialization_config
 
 from adaround_core.calibration.checksum import tree_checksum
+from adaround_core.calibration.held_frontiers import HELD_FRONTIERS
 from adaround_core.calibration.sample_store import CorruptCacheError
 from adaround_core.calibration.segmented_forward import Frontier
+
+Consume = bool | Callable[[Path], None]  # keep files read, delete them, or hand them over
 
 # Frontier bytes kept in memory per model before spilling to disk: small models
 # (every test, the digits demo) never touch the disk; large ones stay flat.
@@ -91,16 +97,25 @@ class FrontierStore:
 
 class FrontierWriter:
     """Writes one layer boundary's frontiers under ``directory`` (existing, empty) as they
-    come, each checksummed from its tensors in memory (no second read); :meth:`finish`
-    writes the manifest that makes the directory valid."""
+    come, each checksummed from its tensors in memory (no second read), or holds them in
+    this process's memory while everything held fits in ``hold_budget`` bytes;
+    :meth:`finish` writes the manifest that makes the directory valid."""
 
-    def __init__(self, directory: Path, fingerprint: str) -> None:
+    def __init__(self, directory: Path, fingerprint: str, hold_budget: int = 0) -> None:
         self.directory, self.fingerprint = Path(directory), fingerprint
+        self.hold_budget = hold_budget
+        self.token = HELD_FRONTIERS.new_token()
         self._files: list[dict] = []
         self._positions: set[int] = set()
 
     def write(self, frontier: Frontier) -> None:
-        name = f"frontier_{len(self._files):05d}.pt"
+        index = len(self._files)
+        self._positions.add(frontier.position)
+        if self.hold_budget and HELD_FRONTIERS.offer(self.token, index, frontier,
+                                                     self.hold_budget):
+            self._files.append({"held": self.token})
+            return
+        name = f"frontier_{index:05d}.pt"
         tmp = self.directory / f".{name}.tmp"
         # no zip CRC (the checksum covers the tensors) and no fsync (a torn write fails
         # the checksum or the load on use, and the pass restarts from the model input)
@@ -108,7 +123,6 @@ class FrontierWriter:
             torch.save(frontier.values, tmp)
         os.replace(tmp, self.directory / name)
         self._files.append({"file": name, "checksum": tree_checksum(frontier.values)})
-        self._positions.add(frontier.position)
 
     def finish(self) -> int:
         """Write the manifest; the number of frontiers written."""
@@ -122,6 +136,10 @@ class FrontierWriter:
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.directory / FRONTIER_MANIFEST)
         return len(self._files)
+
+    def abandon(self) -> None:
+        """Forget the frontiers held so far (the boundary will not be finished)."""
+        HELD_FRONTIERS.drop({self.token})
 
 
 def save_frontiers(directory: Path, frontiers: Iterable[Frontier], fingerprint: str) -> int:
@@ -147,26 +165,69 @@ def frontier_manifest(directory: Path, fingerprint: str) -> dict:
 
 
 def load_frontiers(directory: Path, fingerprint: str, verify: bool = True,
-                   consume: bool = False) -> Iterator[Frontier]:
+                   consume: Consume = False) -> Iterator[Frontier]:
     """The frontiers written by :func:`save_frontiers`, one batch at a time, their tensors
-    mapped from the files (copy-on-write; with ``consume`` each file is deleted once mapped,
-    so its blocks are freed with the batch's tensors: the disk holds only what is still to
-    be continued). Raises :class:`CorruptCacheError` when the manifest is missing, names
-    another graph, or a file is missing, unreadable or (with ``verify``) does not match
-    its checksum."""
+    read from the files (with ``consume`` each file is deleted once read: the disk holds
+    only what is still to be continued; a callable ``consume`` is given each file instead,
+    e.g. to delete it off the critical path); held ones are taken out of this process's
+    memory. Raises
+    :class:`CorruptCacheError` when the manifest is missing, names another graph, or a
+    frontier is missing (a held one: this process does not hold it), unreadable or (with
+    ``verify``) does not match its checksum."""
     directory = Path(directory)
     manifest = frontier_manifest(directory, fingerprint)
-    for entry in manifest["files"]:
+    for index, entry in enumerate(manifest["files"]):
+        if "held" in entry:
+            yield _held(directory, entry["held"], index, manifest["position"])
+            continue
         file = directory / entry["file"]
         if not file.exists():
             raise CorruptCacheError(f"frontier {file} is missing")
         try:
-            values = torch.load(file, weights_only=True, mmap=True)
+            values = torch.load(file, weights_only=True)
         except Exception as err:  # noqa: BLE001 - a torn or damaged file, whatever torch says
             raise CorruptCacheError(f"frontier {file} cannot be read ({err})") from None
         finally:
-            if consume:
+            if callable(consume):
+                consume(file)
+            elif consume:
                 file.unlink()
         if verify and tree_checksum(values) != entry.get("checksum"):
             raise CorruptCacheError(f"frontier {file} does not match its checksum")
         yield Frontier(manifest["position"], values)
+
+
+def _held(directory: Path, token: str, index: int, position: int) -> Frontier:
+    frontier = HELD_FRONTIERS.take(token, index)
+    if frontier is None:
+        raise CorruptCacheError(held_elsewhere(directory, index))
+    if frontier.position != position:
+        raise CorruptCacheError(f"held frontier {index} of {directory} is at another node")
+    return frontier
+
+
+def held_elsewhere(directory: Path, index: int) -> str:
+    """Why a held frontier cannot be continued."""
+    return (f"frontier {index} of {directory} was held in the memory of the process that "
+            f"wrote it (another process, or one that has ended)")
+
+
+def frontiers_present(directory: Path, manifest: dict) -> bool:
+    """Whether every frontier the manifest names is still there: its file, or held here."""
+    return all(HELD_FRONTIERS.holds(entry["held"], index) if "held" in entry
+               else (Path(directory) / entry["file"]).is_file()
+               for index, entry in enumerate(manifest["files"]))
+
+
+def release_held(directory: Path) -> None:
+    """Forget the frontiers of the boundary in ``directory`` (its ``quant`` and ``float``
+    parts) held in this process's memory, before the directory is deleted."""
+    tokens = set()
+    for manifest in Path(directory).glob(f"*/{FRONTIER_MANIFEST}"):
+        try:
+            entries = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        tokens.update(entry["held"] for entry in entries if isinstance(entry, dict)
+                      and "held" in entry)
+    HELD_FRONTIERS.drop(tokens)

@@ -21,7 +21,10 @@ instead of one partial pass per layer.
 :meth:`OnePassCapture.save` (or a capture's ``sink``, written batch by batch) and
 :meth:`OnePassCapture.resume` persist the paused passes at a layer boundary and continue
 them in another process (a pipeline task per layer): resume needs the same model (traced
-to the same graph) with the same layers rounded.
+to the same graph) with the same layers rounded. With ``hold_budget`` a sink keeps
+frontiers in this process's memory up to that many bytes instead of writing them
+(:mod:`~adaround_core.calibration.held_frontiers`): only a resume in this process can
+continue those.
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ from torch import nn
 
 from adaround_core.calibration.frontier_store import (
     FRONTIER_MEMORY_BUDGET,
+    Consume,
     FrontierStore,
     FrontierWriter,
     frontier_manifest,
+    frontiers_present,
     load_frontiers,
     save_frontiers,
 )
@@ -68,7 +73,8 @@ class OnePassCapture:
 
     def __init__(self, quant_model: nn.Module, float_model: nn.Module, graph: LayerGraph,
                  layers: list[str], batches: Iterable[Any],
-                 memory_budget: int = FRONTIER_MEMORY_BUDGET, consume: bool = False) -> None:
+                 memory_budget: int = FRONTIER_MEMORY_BUDGET, consume: Consume = False,
+                 hold_budget: int = 0) -> None:
         self.quant_model, self.float_model, self.graph = quant_model, float_model, graph
         self._pending = list(layers)
         self._batches = batches
@@ -77,6 +83,7 @@ class OnePassCapture:
         self._num_batches: int | None = None
         self._saved: Path | None = None  # the passes are paused on disk here
         self.consume = consume  # delete each file under _saved once it is read
+        self.hold_budget = hold_budget  # bytes a sink may hold in memory (all held ones)
 
     def iter_layer_io(self, name: str, quantize_input: bool = True, sink: Path | None = None,
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -112,18 +119,23 @@ class OnePassCapture:
         call = self.graph.layer_calls[name]
         writers = self._writers(Path(sink)) if sink is not None else None
         count = 0
-        for i, (quant, floating) in enumerate(self._frontiers()):
-            advance(self.graph, self.quant_model, quant, call)
-            advance(self.graph, self.float_model, floating, call)
-            taken = take(quant, floating, writers is None)
-            if writers is None:
-                self._quant.put(i, quant)
-                self._float.put(i, floating)
-            else:
-                writers[0].write(quant)
-                writers[1].write(floating)
-            count += 1
-            yield taken
+        try:
+            for i, (quant, floating) in enumerate(self._frontiers()):
+                advance(self.graph, self.quant_model, quant, call)
+                advance(self.graph, self.float_model, floating, call)
+                taken = take(quant, floating, writers is None)
+                if writers is None:
+                    self._quant.put(i, quant)
+                    self._float.put(i, floating)
+                else:
+                    writers[0].write(quant)
+                    writers[1].write(floating)
+                count += 1
+                yield taken
+        except BaseException:  # an abandoned boundary holds no memory
+            for writer in writers or ():
+                writer.abandon()
+            raise
         self._num_batches = count
         self._saved = None  # the passes are in the stores now ...
         if writers is not None:
@@ -136,7 +148,8 @@ class OnePassCapture:
         writers = []
         for part in ("quant", "float"):
             (directory / part).mkdir()
-            writers.append(FrontierWriter(directory / part, self.graph.fingerprint))
+            writers.append(FrontierWriter(directory / part, self.graph.fingerprint,
+                                          self.hold_budget))
         return writers[0], writers[1]
 
     def capture_layer_io(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -195,14 +208,17 @@ class OnePassCapture:
     @classmethod
     def resume(cls, quant_model: nn.Module, float_model: nn.Module, graph: LayerGraph,
                directory: Path, memory_budget: int = FRONTIER_MEMORY_BUDGET,
-               consume: bool = False) -> OnePassCapture:
+               consume: Consume = False, hold_budget: int = 0) -> OnePassCapture:
         """Continue passes saved by :meth:`save` (or to a sink); ``quant_model`` must
         have the layers captured before the save rounded (the next capture runs the last
         one's call). The manifests and files are checked here; each frontier's checksum
         when it is read (a mismatch raises :class:`CorruptCacheError` from the next
         capture). With ``consume`` the next capture deletes each file once read (the disk
         peak is then one boundary's frontiers, not two; an interrupted capture leaves the
-        directory unusable)."""
+        directory unusable; a callable is given each file to delete instead, see
+        :func:`~.frontier_store.load_frontiers`). Frontiers held in memory are taken whether or not
+        ``consume``; a boundary with held ones that this process does not hold is
+        unusable (:class:`CorruptCacheError`); ``hold_budget`` is that of the next sink."""
         directory = Path(directory)
         state_file = directory / CAPTURE_STATE
         if not state_file.exists():
@@ -210,12 +226,13 @@ class OnePassCapture:
         state = json.loads(state_file.read_text())
         for part in ("quant", "float"):
             manifest = frontier_manifest(directory / part, graph.fingerprint)
-            if len(manifest["files"]) != state["batches"] or not all(
-                    (directory / part / entry["file"]).is_file() for entry in manifest["files"]):
-                raise CorruptCacheError(f"frontiers in {directory} are incomplete (an "
-                                        f"interrupted capture consumed some)")
+            if len(manifest["files"]) != state["batches"] or \
+                    not frontiers_present(directory / part, manifest):
+                raise CorruptCacheError(f"frontiers in {directory} are incomplete (held in "
+                                        f"the memory of the process that wrote them, or "
+                                        f"consumed by an interrupted capture)")
         capture = cls(quant_model, float_model, graph, state["pending"], (), memory_budget,
-                      consume)
+                      consume, hold_budget)
         capture._num_batches = state["batches"]
         capture._saved = directory
         return capture

@@ -14,7 +14,8 @@ from torch import nn
 
 from adaround_core.calibration import frontier_store
 from adaround_core.calibration.capture_method import ONE_PASS, PER_LAYER, layer_capturer
-from adaround_core.calibration.frontier_store import load_frontiers, save_frontiers
+from adaround_core.calibration.frontier_store import load_frontiers, release_held, save_frontiers
+from adaround_core.calibration.held_frontiers import HELD_FRONTIERS
 from adaround_core.calibration.graph_trace import NotSegmentable, trace_layer_graph
 from adaround_core.calibration.layer_capture import capture_layer_io
 from adaround_core.calibration.layer_samples import LayerSamples
@@ -431,6 +432,67 @@ def test_streamed_frontiers_equal_saved_ones_and_continue_the_pass(tmp_path):
         with pytest.raises(ValueError, match="nothing held to save"):
             OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "streamed").save(
                 tmp_path)
+
+
+def _streamed(q, graph, order, batches, sink, hold_budget):
+    """The first layer streamed into ``sink``, holding up to ``hold_budget`` bytes."""
+    capture = OnePassCapture(q, float_reference(q), graph, order, batches,
+                             hold_budget=hold_budget)
+    sink.mkdir()
+    for _ in capture.iter_layer_io(order[0], sink=sink):
+        pass
+    return capture
+
+
+@pytest.mark.parametrize("held", ["all", "first batch"])
+def test_frontiers_held_in_memory_continue_like_written_ones(tmp_path, held):
+    """With a hold budget a sink keeps frontiers in this process's memory instead of files
+    (all of them, or those that fit, the rest written); a resume takes them back and
+    captures bit for bit what per-layer passes give, and nothing stays held."""
+    q, batches, order = _capture_state(ResidualCNN(), (2, 3, 8, 8), num_batches=3)
+    with eval_mode(q), fake_quant_state(q, FakeQuantState.VALIDATION):
+        graph = trace_layer_graph(q, order, LEAVES, batches[0])
+        reference = OnePassCapture(q, float_reference(q), graph, order, batches)
+        expected = {name: reference.capture_layer_io(name) for name in order}
+        before = HELD_FRONTIERS.nbytes
+        _streamed(q, graph, order, batches, tmp_path / "sizes", 1 << 40)
+        per_batch = (HELD_FRONTIERS.nbytes - before) // 3  # both parts of one batch
+        release_held(tmp_path / "sizes")
+        assert HELD_FRONTIERS.nbytes == before
+        budget = 1 << 40 if held == "all" else before + per_batch
+        _streamed(q, graph, order, batches, tmp_path / "sink", budget)
+        files = sorted(p.name for p in (tmp_path / "sink").rglob("frontier_*.pt"))
+        assert len(files) == (0 if held == "all" else 4)  # batches 1 and 2, both parts
+        resumed = OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "sink",
+                                        consume=True)
+        for name in order[1:]:
+            x, y = resumed.capture_layer_io(name)
+            assert all(torch.equal(a, b) for a, b in
+                       zip(x + y, expected[name][0] + expected[name][1], strict=True)), name
+        assert HELD_FRONTIERS.nbytes == before
+
+
+def test_held_frontiers_another_process_lacks_are_unusable(tmp_path):
+    """A boundary whose held frontiers this process does not hold (written by another one,
+    or dropped) cannot be resumed: :class:`CorruptCacheError` says why; a capture
+    abandoned midway holds nothing."""
+    q, batches, order = _capture_state(ResidualCNN(), (2, 3, 8, 8), num_batches=3)
+    with eval_mode(q), fake_quant_state(q, FakeQuantState.VALIDATION):
+        graph = trace_layer_graph(q, order, LEAVES, batches[0])
+        before = HELD_FRONTIERS.nbytes
+        _streamed(q, graph, order, batches, tmp_path / "sink", 1 << 40)
+        assert HELD_FRONTIERS.nbytes > before
+        release_held(tmp_path / "sink")  # as when the process that wrote them ended
+        with pytest.raises(frontier_store.CorruptCacheError, match="held in the memory"):
+            OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "sink")
+        capture = OnePassCapture(q, float_reference(q), graph, order, batches,
+                                 hold_budget=1 << 40)
+        (tmp_path / "abandoned").mkdir()
+        pairs = capture.iter_layer_io(order[0], sink=tmp_path / "abandoned")
+        next(pairs)
+        assert HELD_FRONTIERS.nbytes > before
+        pairs.close()
+        assert HELD_FRONTIERS.nbytes == before
 
 
 def test_a_consuming_resume_deletes_each_frontier_once_read(tmp_path):
