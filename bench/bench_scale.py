@@ -89,28 +89,67 @@ def pipeline_params(args: argparse.Namespace, workdir: Path) -> dict:
 
 def run_stage(stage: str, params_file: Path, cache_dir: Path | None = None) -> dict:
     """Run ``python -m flows <stage>``: wall time, peak RSS of that process (``wait4``), and
-    with ``cache_dir`` the peak disk under it."""
-    peak, done = [0], threading.Event()
-
-    def poll() -> None:
-        while not done.wait(0.2):
-            peak[0] = max(peak[0], tree_bytes(cache_dir))
-
-    if cache_dir:
-        threading.Thread(target=poll, daemon=True).start()
+    with ``cache_dir`` the peak disk under it and when the RSS peaked (polled; the stage
+    runs with ``-v``, so the log line before the peak says which task was running)."""
     log = params_file.parent / f"{stage}.log"
+    verbose = ["-v"] if cache_dir else []
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flows", stage, "--params",
-                                 str(params_file)], cwd=REPO, stdout=out, stderr=out,
+                                 str(params_file), *verbose], cwd=REPO, stdout=out, stderr=out,
                                 env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+        poller = _Poller(proc.pid, cache_dir, log) if cache_dir else None
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    done.set()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"python -m flows {stage} failed: {log.read_text()[-3000:]}")
-    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "peak_cache_bytes": peak[0]}
+    result = {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "peak_cache_bytes": 0}
+    if poller is not None:
+        result.update(poller.stop())
+    return result
+
+
+class _Poller:
+    """Every 0.2 s: the disk under ``cache_dir``, the RSS of process ``pid`` and, when that
+    peaks, the last line of its ``log``."""
+
+    def __init__(self, pid: int, cache_dir: Path, log: Path) -> None:
+        self.pid, self.cache_dir, self.log = pid, cache_dir, log
+        self.peak_disk, self.peak_rss, self.peak_rss_line = 0, 0, ""
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.2):
+            self.peak_disk = max(self.peak_disk, tree_bytes(self.cache_dir))
+            rss = _rss_bytes(self.pid)
+            if rss > self.peak_rss:
+                self.peak_rss, self.peak_rss_line = rss, _last_line(self.log)
+
+    def stop(self) -> dict:
+        self._done.set()
+        self._thread.join()
+        return {"peak_cache_bytes": self.peak_disk, "polled_peak_rss_bytes": self.peak_rss,
+                "peak_rss_during": self.peak_rss_line}
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _last_line(log: Path) -> str:
+    """The last line of ``log`` (being written) so far that names a layer's task."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if "samples in" in line or "layers:" in line or "rounding" in line:
+            return line.strip()[:200]
+    return ""
 
 
 def layer_floor(report: list[dict], rate: float) -> dict:
@@ -159,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "capture_share": capture / stage["wall_s"],
         "peak_rss_bytes": stage["peak_rss_bytes"],
         "peak_cache_bytes": stage["peak_cache_bytes"],
+        "peak_rss_during": stage.get("peak_rss_during", ""),
         "largest_layer_cache_bytes": max(r["cache_bytes"] for r in report),
         "capture_method": report[0]["capture_method"],
         "floor": layer_floor(report, max(rates.values())),

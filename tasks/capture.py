@@ -19,9 +19,11 @@ every task captures its layer with a partial pass per batch (the per-layer metho
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -125,7 +127,7 @@ def open_capture(job: LayerJob, model: nn.Module, reference: nn.Module,
         return LayerCapture(job, model, reference, batches, None, "per-layer passes")
     order = list(job.chain.order)
     try:
-        graph = trace_layer_graph(model, order, LEAF_TYPES, batches[0], job.chain.blocks)
+        graph = _layer_graph(job, model, batches)
     except NotSegmentable as reason:  # the plan traced the same model: not expected
         run_logger(__name__).warning("%s: one-pass capture does not apply (%s); capturing "
                                      "with per-layer passes", job.name, reason)
@@ -137,6 +139,29 @@ def open_capture(job: LayerJob, model: nn.Module, reference: nn.Module,
     capture = OnePassCapture(model, reference, graph, order[order.index(job.name):], batches,
                              hold_budget=hold_budget(job))
     return LayerCapture(job, model, reference, batches, capture, "from the model input")
+
+
+_GRAPHS: OrderedDict[tuple, LayerGraph] = OrderedDict()  # traced graphs of this process
+_GRAPHS_KEPT = 2
+
+
+def _layer_graph(job: LayerJob, model: nn.Module, batches: Sequence[Any]) -> LayerGraph:
+    """The graph of the job's plan, traced once per process: every layer's task rebuilds
+    the same prepared model (other weights, the same modules and names), and tracing it
+    reads the first calibration batch (at 224 px, about 1 s a task in all)."""
+    assert job.chain is not None
+    key = (job.dataset.digest, job.float_model.digest, job.calibrated.digest,
+           job.params.digest("model", "quant", "calibration"), job.params.runtime.device,
+           job.chain.order, job.chain.blocks)
+    graph = _GRAPHS.get(key)
+    if graph is None:
+        graph = trace_layer_graph(model, list(job.chain.order), LEAF_TYPES, batches[0],
+                                  job.chain.blocks)
+        _GRAPHS[key] = graph
+        while len(_GRAPHS) > _GRAPHS_KEPT:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS.move_to_end(key)
+    return graph
 
 
 def hold_budget(job: LayerJob) -> int:

@@ -17,13 +17,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-
 from tasks.artifacts import Artifact, LayerPlan, LayerResult
 from tasks.cache_removal import TRASH
 from tasks.disk_usage import tree_bytes
 from tasks.layer_jobs import LayerJob, plan_job
-from tasks.layer_results import WORLD_SIZE, valid_result
+from tasks.layer_results import WORLD_SIZE, InvalidResultError, result_metadata, valid_result
 from tasks.layout import Layout, existing
 from tasks.params import PipelineParams
 from tasks.planning import plan_layers
@@ -68,9 +66,8 @@ def _result_world_sizes(params: PipelineParams) -> list[int]:
     sizes = set()
     for path in (Path(params.runtime.results_dir) / "layers").glob("*.safetensors"):
         try:
-            with safe_open(str(path), framework="pt") as f:
-                size = (f.metadata() or {}).get(WORLD_SIZE)
-        except Exception:  # noqa: BLE001, S112 - any unreadable file is garbage, not a size
+            size = result_metadata(path).get(WORLD_SIZE)
+        except InvalidResultError:  # garbage, not a size
             continue
         if size and size.isdigit():
             sizes.add(int(size))

@@ -35,17 +35,26 @@ def result_digest(tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
-def _open_result(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of a result file (any safetensors error is invalidity)."""
+def _open_result(path: Path, with_tensors: bool = True,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (unless not ``with_tensors``) and metadata of a result file (any
+    safetensors error is invalidity)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
             metadata = f.metadata() or {}
+            if not with_tensors:
+                return {}, metadata
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own types for bad headers and data
         raise InvalidResultError(f"unreadable: {err}") from err
     if not tensors:
         raise InvalidResultError("it holds no tensor")
     return tensors, metadata
+
+
+def result_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a result file; :class:`InvalidResultError` when it is unreadable."""
+    return _open_result(path, with_tensors=False)[1]
 
 
 def _checked_report(metadata: dict[str, str], key: str) -> dict:

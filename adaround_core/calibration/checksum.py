@@ -9,7 +9,7 @@ where SHA-256 manages 1.4 GB/s, and a 224-pixel ResNet capture hashes tens of GB
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,16 @@ def buffer_checksum(buffers: Iterable[Any]) -> str:
     return digest.hexdigest()
 
 
-def file_checksum(path: Path) -> str:
-    """:func:`buffer_checksum` of a file's bytes, read in 1 MiB chunks."""
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    """A file's bytes in 1 MiB chunks."""
     with open(path, "rb") as f:
-        return buffer_checksum(iter(lambda: f.read(_CHUNK), b""))
+        while chunk := f.read(_CHUNK):
+            yield chunk
+
+
+def file_checksum(path: Path) -> str:
+    """:func:`buffer_checksum` of a file's bytes."""
+    return buffer_checksum(_file_chunks(path))
 
 
 def storage_bytes(tensor: torch.Tensor) -> Any:
@@ -41,20 +47,25 @@ def storage_bytes(tensor: torch.Tensor) -> Any:
     return torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if storage.nbytes() else b""
 
 
-def tree_checksum(values: Any) -> str:
-    """:func:`buffer_checksum` of the storages of the tensors in ``values`` (a nest of
-    containers), each shared storage once, in order of first appearance."""
-    storages: dict[int, torch.Tensor] = {}
+def distinct_storages(values: Any) -> list[torch.Tensor]:
+    """One tensor per distinct non-empty storage among the tensors in ``values`` (a nest
+    of containers), in order of first appearance: views of one storage count once."""
+    storages: dict[tuple[torch.device, int], torch.Tensor] = {}
     for leaf in tree_leaves(values):
         if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().nbytes():
-            storages.setdefault(leaf.untyped_storage().data_ptr(), leaf)
-    return buffer_checksum(storage_bytes(t) for t in storages.values())
+            storage = leaf.untyped_storage()
+            storages.setdefault((storage.device, storage.data_ptr()), leaf)
+    return list(storages.values())
+
+
+def tree_checksum(values: Any) -> str:
+    """:func:`buffer_checksum` of the :func:`distinct_storages` of ``values``."""
+    return buffer_checksum(storage_bytes(t) for t in distinct_storages(values))
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    """SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
+    for chunk in _file_chunks(path):
+        digest.update(chunk)
     return digest.hexdigest()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from adaround_core.calibration.checksum import distinct_storages
 from adaround_core.calibration.graph_trace import LayerGraph, batch_arguments
 from adaround_core.torch_private import tree_leaves
 
@@ -29,12 +30,7 @@ class Frontier:
 
     def nbytes(self) -> int:
         """Bytes of the tensor storages it holds (shared storages counted once)."""
-        storages = {}
-        for t in tree_leaves(self.values):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                storages[(storage.device, storage.data_ptr())] = storage.nbytes()
-        return sum(storages.values())
+        return sum(t.untyped_storage().nbytes() for t in distinct_storages(self.values))
 
 
 def start(graph: LayerGraph, batch: Any, index: int = 0) -> Frontier:

@@ -15,8 +15,8 @@ from torch import nn
 from adaround_core.calibration import frontier_store
 from adaround_core.calibration.capture_method import ONE_PASS, PER_LAYER, layer_capturer
 from adaround_core.calibration.frontier_store import load_frontiers, release_held, save_frontiers
-from adaround_core.calibration.held_frontiers import HELD_FRONTIERS
 from adaround_core.calibration.graph_trace import NotSegmentable, trace_layer_graph
+from adaround_core.calibration.held_frontiers import HELD_FRONTIERS
 from adaround_core.calibration.layer_capture import capture_layer_io
 from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.calibration.one_pass_capture import OnePassCapture
