@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
 
 from bench.bench_flop_floor import FLOP_SHARE, WITHIN, machine_rates
 from tasks.disk_usage import tree_bytes
@@ -152,14 +153,18 @@ def _last_line(log: Path) -> str:
     return ""
 
 
-def layer_floor(report: list[dict], rate: float) -> dict:
+def layer_floor(report: list[dict], rates: dict, kinds: dict[str, str]) -> dict:
     """Seconds per step over the FLOP floor, per layer and over the layers that hold
-    ``FLOP_SHARE`` of the step FLOPs."""
+    ``FLOP_SHARE`` of the step FLOPs. The floor divides by the higher of the machine's GEMM
+    and convolution rates (``over_floor``, the strict one) and, beside it, by the rate of
+    the layer's own kind (``over_own``: a convolution's by the convolution rate)."""
+    best = max(rates.values())
     rows = [{"layer": r["layer"], "step_flops": r["step_flops"], "threads": r["threads"],
-             "step_s": r["seconds"] / r["num_steps"],
-             "floor_s": r["step_flops"] / rate} for r in report]
+             "kind": kinds.get(r["layer"], "gemm"), "step_s": r["seconds"] / r["num_steps"],
+             "floor_s": r["step_flops"] / best} for r in report]
     for row in rows:
         row["over_floor"] = row["step_s"] / row["floor_s"]
+        row["over_own"] = row["step_s"] * rates[row["kind"]] / row["step_flops"]
     total, running, heavy = sum(r["step_flops"] for r in rows), 0, []
     for row in sorted(rows, key=lambda r: -r["step_flops"]):
         if running >= FLOP_SHARE * total:
@@ -168,7 +173,18 @@ def layer_floor(report: list[dict], rate: float) -> dict:
         running += row["step_flops"]
     return {"layers": rows, "heavy_layers": len(heavy),
             "heavy_worst_over_floor": max(r["over_floor"] for r in heavy),
-            "heavy_within_target": sum(r["over_floor"] <= WITHIN for r in heavy)}
+            "heavy_within_target": sum(r["over_floor"] <= WITHIN for r in heavy),
+            "heavy_worst_over_own": max(r["over_own"] for r in heavy),
+            "heavy_within_own": sum(r["over_own"] <= WITHIN for r in heavy)}
+
+
+def layer_kinds(factory: str, names: list[str]) -> dict[str, str]:
+    """``conv`` or ``gemm`` per layer name, from a fresh model of ``factory``."""
+    from tasks.io import import_object
+
+    model = import_object(factory)()
+    return {name: "conv" if isinstance(model.get_submodule(name), nn.modules.conv._ConvNd)
+            else "gemm" for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_during": stage.get("peak_rss_during", ""),
         "largest_layer_cache_bytes": max(r["cache_bytes"] for r in report),
         "capture_method": report[0]["capture_method"],
-        "floor": layer_floor(report, max(rates.values())),
+        "floor": layer_floor(report, rates,
+                             layer_kinds(MODELS[args.model][0], [r["layer"] for r in report])),
     }
     result["peak_cache_over_largest"] = (result["peak_cache_bytes"]
                                          / result["largest_layer_cache_bytes"])

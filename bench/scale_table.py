@@ -21,7 +21,18 @@ def _row(r: dict) -> str:
             f"({r['peak_cache_over_largest']:.2f}×) | {r['largest_layer_cache_bytes'] / GB:.2f} GB | "
             f"{floor['heavy_within_target']} of {floor['heavy_layers']} "
             f"(worst {floor['heavy_worst_over_floor']:.2f}×; floor rate "
-            f"{max(r['machine']['rates_flops'].values()) / 1e9:.0f} GFLOP/s) |")
+            f"{max(r['machine']['rates_flops'].values()) / 1e9:.0f} GFLOP/s){_own(r)} |")
+
+
+def _own(r: dict) -> str:
+    """Against each layer's own kind's rate, where the run recorded it."""
+    floor = r["floor"]
+    if "heavy_within_own" not in floor:
+        return ""
+    rates = r["machine"]["rates_flops"]
+    return (f"; own kind's rate: {floor['heavy_within_own']} of {floor['heavy_layers']} "
+            f"(worst {floor['heavy_worst_over_own']:.2f}×; conv {rates['conv'] / 1e9:.0f}, "
+            f"GEMM {rates['gemm'] / 1e9:.0f} GFLOP/s)")
 
 
 def table(results: list[dict]) -> str:
