@@ -151,19 +151,23 @@ class ShardStore:
         return self._fds[file]
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows at ``index``, read into one fresh tensor (torch's allocator: huge pages
+        with ``THP_MEM_ALLOC_ENABLE``, no zero fill; a ``bytearray`` of a 224-px layer's
+        batch cost 4x the read itself)."""
         index = index.cpu()
         shard_of = torch.searchsorted(self._starts, index, right=True) - 1
         offsets = (index - self._starts[shard_of]) * self.row_nbytes
         size = self.row_nbytes
-        buffer = bytearray(size * len(index))
-        view = memoryview(buffer)
-        fds = [self._fd(s.file) for s in self.shards]
-        for k, (shard, offset) in enumerate(zip(shard_of.tolist(), offsets.tolist(), strict=True)):
-            if _read_into(fds[shard], view[k * size:(k + 1) * size], offset) != size:
-                raise CorruptCacheError(f"shard {self.directory / self.shards[shard].file} "
-                                        f"is truncated")
-        rows = torch.frombuffer(buffer, dtype=self.dtype) if buffer else torch.empty(0, dtype=self.dtype)
-        return rows.reshape(len(index), *self.row_shape).to(self.device)
+        rows = torch.empty((len(index), *self.row_shape), dtype=self.dtype)
+        if rows.numel():
+            view = memoryview(rows.view(torch.uint8).numpy()).cast("B")
+            fds = [self._fd(s.file) for s in self.shards]
+            for k, (shard, offset) in enumerate(zip(shard_of.tolist(), offsets.tolist(),
+                                                    strict=True)):
+                if _read_into(fds[shard], view[k * size:(k + 1) * size], offset) != size:
+                    raise CorruptCacheError(f"shard {self.directory / self.shards[shard].file} "
+                                            f"is truncated")
+        return rows.to(self.device)
 
     def close(self) -> None:
         for fd in self._fds.values():

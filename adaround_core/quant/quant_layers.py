@@ -45,11 +45,14 @@ class QuantLayerMixin:
     def weight_vjp(self, x: torch.Tensor, weight: torch.Tensor,
                    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """``forward_with_weight(x, weight)`` and the map ``dL/doutput -> dL/dweight``
-        (neither ``x`` nor the bias is differentiated).
+        (neither ``x`` nor the bias is differentiated). The output is the caller's: it may
+        be overwritten, e.g. by the gradient of the loss (a 224-px layer's output is
+        ~100 MB, a fresh tensor for that gradient one more pass over memory).
 
         Generic version: autograd through ``forward_with_weight``. The gradient is taken
         of the scalar ``sum(output * dL/doutput)``, whose gradient is the same, because
-        handing autograd a non-scalar gradient imports sympy on first use (0.5 s)."""
+        handing autograd a non-scalar gradient imports sympy on first use (0.5 s). The
+        output returned is a copy: the graph may need its own."""
         leaf = weight.detach().requires_grad_(True)
         with torch.enable_grad():
             output = self.forward_with_weight(x, leaf)
@@ -59,7 +62,7 @@ class QuantLayerMixin:
                 (grad,) = torch.autograd.grad((output * grad_output).sum(), leaf)
             return grad
 
-        return output.detach(), backward
+        return output.detach().clone(), backward
 
     def attach_fake_quants(self, qconfig: QConfig) -> None:
         """Add ``input_fake_quant`` and ``weight_fake_quant`` for ``qconfig``."""

@@ -107,7 +107,7 @@ def _reconstruction_grad(layer: QuantLayerMixin, x: torch.Tensor, target: torch.
     output, backward = layer.weight_vjp(x, weight)
     with torch.no_grad():
         n = output.numel() // output.shape[layer.output_channel_dim] * world
-        return backward(torch.sub(output, target).mul_(2.0 / n))
+        return backward(output.sub_(target).mul_(2.0 / n))
 
 
 def nearest_weight(layer: QuantLayerMixin) -> torch.Tensor:

@@ -120,3 +120,30 @@ def test_holdout_chunks_stay_under_a_byte_budget():
     assert torch.equal(torch.cat(chunks), whole)
     assert [len(x) for x, _ in store.holdout(256, max_bytes=1)] == [1] * 20
     assert [len(x) for x, _ in store.holdout(8, max_bytes=10**9)] == [8, 8, 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
+def test_disk_rows_are_read_exactly_into_fresh_tensors(tmp_path, dtype):
+    """``ShardStore.gather`` returns the asked rows, across shards and in the asked order
+    (repeats included), bit for bit in the cache's dtype, each call in its own writable
+    tensor; a shard cut short is reported, not read as zeros."""
+    from adaround_core.calibration.sample_store import (
+        CorruptCacheError,
+        cached_groups,
+        write_layer_cache,
+    )
+
+    source = torch.arange(60).reshape(10, 2, 3) % 7 - 3
+    source = source.to(dtype)
+    write_layer_cache(tmp_path, [(source[:4], source[:4]), (source[4:], source[4:])])
+    (inputs, _), = cached_groups(tmp_path)
+    index = torch.tensor([9, 0, 5, 5, 3])
+    first, second = inputs.gather(index), inputs.gather(index)
+    assert first.dtype == dtype and torch.equal(first, source[index])
+    first.zero_()  # a batch is its holder's: the next read does not share its memory
+    assert torch.equal(second, source[index])
+    assert inputs.gather(torch.tensor([], dtype=torch.long)).shape == (0, 2, 3)
+    shard = tmp_path / inputs.shards[1].file
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(CorruptCacheError, match="truncated"):
+        inputs.gather(torch.tensor([9]))
