@@ -69,15 +69,18 @@ def _remove_dead_temporaries(directory: Path) -> None:
 
 def _publish(tmp: Path, directory: Path, valid: Callable[[Path], bool] = _valid_cache) -> None:
     """Rename the finished directory into place; if another process published the same
-    one first (same key, same content), keep theirs; an invalid one in the way is replaced."""
+    one first (same key, same content), keep theirs; an invalid one in the way is replaced.
+    Whichever is deleted lets go of the frontiers it held in this process's memory."""
     try:
         os.replace(tmp, directory)
     except OSError as err:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
         if valid(directory):
+            release_held(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             return
+        release_held(directory)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
 

@@ -19,7 +19,6 @@ every task captures its layer with a partial pass per batch (the per-layer metho
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,8 @@ from adaround_core.quant.quant_layers import QuantLayerMixin
 from adaround_core.reconstruction.rounding_mode import rounding_mode
 from tasks.cache_removal import unlink_in_background
 from tasks.layer_jobs import LayerJob
+from tasks.model_state import prepared_key
+from tasks.process_memo import ProcessMemo
 from tasks.run_logging import run_logger
 
 LEAF_TYPES = (QuantLayerMixin, FakeQuantize)  # the graph's opaque calls, as the library's
@@ -141,8 +142,7 @@ def open_capture(job: LayerJob, model: nn.Module, reference: nn.Module,
     return LayerCapture(job, model, reference, batches, capture, "from the model input")
 
 
-_GRAPHS: OrderedDict[tuple, LayerGraph] = OrderedDict()  # traced graphs of this process
-_GRAPHS_KEPT = 2
+_GRAPHS: ProcessMemo[LayerGraph] = ProcessMemo(kept=2)  # traced graphs of this process
 
 
 def _layer_graph(job: LayerJob, model: nn.Module, batches: Sequence[Any]) -> LayerGraph:
@@ -150,18 +150,10 @@ def _layer_graph(job: LayerJob, model: nn.Module, batches: Sequence[Any]) -> Lay
     the same prepared model (other weights, the same modules and names), and tracing it
     reads the first calibration batch (at 224 px, about 1 s a task in all)."""
     assert job.chain is not None
-    key = (job.dataset.digest, job.float_model.digest, job.calibrated.digest,
-           job.params.digest("model", "quant", "calibration"), job.params.runtime.device,
+    key = (prepared_key(job.params, job.dataset, job.float_model, job.calibrated),
            job.chain.order, job.chain.blocks)
-    graph = _GRAPHS.get(key)
-    if graph is None:
-        graph = trace_layer_graph(model, list(job.chain.order), LEAF_TYPES, batches[0],
-                                  job.chain.blocks)
-        _GRAPHS[key] = graph
-        while len(_GRAPHS) > _GRAPHS_KEPT:
-            _GRAPHS.popitem(last=False)
-    _GRAPHS.move_to_end(key)
-    return graph
+    return _GRAPHS.get(key, lambda: trace_layer_graph(model, list(job.chain.order), LEAF_TYPES,
+                                                      batches[0], job.chain.blocks))
 
 
 def hold_budget(job: LayerJob) -> int:

@@ -4,9 +4,12 @@ name and recomputed."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -35,18 +38,24 @@ def result_digest(tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
-def _open_result(path: Path, with_tensors: bool = True,
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors (unless not ``with_tensors``) and metadata of a result file (any
-    safetensors error is invalidity)."""
+@contextlib.contextmanager
+def _safetensors_file(path: Path) -> Iterator[Any]:
+    """``path`` opened by safetensors; any error reading it is the result's invalidity
+    (safetensors raises its own types for bad headers and data)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if not with_tensors:
-                return {}, metadata
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except Exception as err:  # safetensors raises its own types for bad headers and data
+            yield f
+    except InvalidResultError:
+        raise
+    except Exception as err:
         raise InvalidResultError(f"unreadable: {err}") from err
+
+
+def _open_result(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a result file."""
+    with _safetensors_file(path) as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     if not tensors:
         raise InvalidResultError("it holds no tensor")
     return tensors, metadata
@@ -54,7 +63,8 @@ def _open_result(path: Path, with_tensors: bool = True,
 
 def result_metadata(path: Path) -> dict[str, str]:
     """The metadata of a result file; :class:`InvalidResultError` when it is unreadable."""
-    return _open_result(path, with_tensors=False)[1]
+    with _safetensors_file(path) as f:
+        return f.metadata() or {}
 
 
 def _checked_report(metadata: dict[str, str], key: str) -> dict:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from tasks.input_qparams import apply_input_qparams
 from tasks.io import import_object, load_tensors
 from tasks.params import PipelineParams
 from tasks.pretrained import load_pretrained
+from tasks.process_memo import ProcessMemo
 from tasks.result_tensors import layer_tensors
 from tasks.stage_data import open_data
 
@@ -78,9 +77,15 @@ def calibration_inputs(params: PipelineParams, dataset: Artifact) -> list[Any]:
     return open_data(params, dataset).calibration(compute_device(params))
 
 
-_PREPARED: OrderedDict[tuple, nn.Module] = OrderedDict()  # prepared models of this process
-_PREPARED_LOCK = threading.Lock()
-_PREPARED_KEPT = 2
+_PREPARED: ProcessMemo[nn.Module] = ProcessMemo(kept=2)  # prepared models of this process
+
+
+def prepared_key(params: PipelineParams, dataset: Artifact, float_model: Artifact,
+                 checkpoint: Artifact) -> tuple:
+    """What a prepared model is built from: the digests of its inputs and the settings
+    that shape it (model, quantization, calibration, device)."""
+    return (dataset.digest, float_model.digest, checkpoint.digest,
+            params.digest("model", "quant", "calibration"), params.runtime.device)
 
 
 def _prepared_model(params: PipelineParams, dataset: Artifact, float_model: Artifact,
@@ -88,20 +93,16 @@ def _prepared_model(params: PipelineParams, dataset: Artifact, float_model: Arti
     """A fresh copy of the prepared model with ``checkpoint``'s state. Preparing (BatchNorm
     folding runs a forward pass) costs more than copying and every layer's two tasks need
     it, so it is built once per process and inputs (keyed by digests, never mutated)."""
-    key = (dataset.digest, float_model.digest, checkpoint.digest,
-           params.digest("model", "quant", "calibration"), params.runtime.device)
-    with _PREPARED_LOCK:
-        model = _PREPARED.get(key)
-        if model is None:
-            model = prepare_qat_fx(load_float_model(params, float_model.file), params.quant,
-                                   example_inputs=calibration_inputs(params, dataset)[0])
-            model.load_state_dict(load_tensors(checkpoint.file))
-            set_fake_quantize(model, FakeQuantState.VALIDATION)
-            _PREPARED[key] = model.eval()
-            while len(_PREPARED) > _PREPARED_KEPT:
-                _PREPARED.popitem(last=False)
-        _PREPARED.move_to_end(key)
-        return copy.deepcopy(model)
+
+    def prepare() -> nn.Module:
+        model = prepare_qat_fx(load_float_model(params, float_model.file), params.quant,
+                               example_inputs=calibration_inputs(params, dataset)[0])
+        model.load_state_dict(load_tensors(checkpoint.file))
+        set_fake_quantize(model, FakeQuantState.VALIDATION)
+        return model.eval()
+
+    key = prepared_key(params, dataset, float_model, checkpoint)
+    return copy.deepcopy(_PREPARED.get(key, prepare))
 
 
 def calibrated_model(params: PipelineParams, dataset: Artifact, float_model: Artifact,

@@ -24,6 +24,7 @@ class HeldFrontiers:
 
     def __init__(self) -> None:
         self._held: dict[tuple[str, int], tuple[Frontier, int]] = {}
+        self._nbytes = 0  # the sizes of everything in _held
         self._lock = threading.Lock()
 
     @staticmethod
@@ -35,16 +36,17 @@ class HeldFrontiers:
     def nbytes(self) -> int:
         """Bytes held now."""
         with self._lock:
-            return sum(size for _, size in self._held.values())
+            return self._nbytes
 
     def offer(self, token: str, index: int, frontier: Frontier, budget: int) -> bool:
         """Hold ``frontier`` when it fits in ``budget`` beside what is held; whether it
         was taken (False: write it to disk)."""
         size = frontier.nbytes()
         with self._lock:
-            if sum(held for _, held in self._held.values()) + size > budget:
+            if self._nbytes + size > budget or (token, index) in self._held:
                 return False
             self._held[(token, index)] = (frontier, size)
+            self._nbytes += size
             return True
 
     def holds(self, token: str, index: int) -> bool:
@@ -55,13 +57,16 @@ class HeldFrontiers:
         """The held frontier, removed (None when this process does not hold it)."""
         with self._lock:
             entry = self._held.pop((token, index), None)
-        return None if entry is None else entry[0]
+            if entry is None:
+                return None
+            self._nbytes -= entry[1]
+        return entry[0]
 
     def drop(self, tokens: set[str]) -> None:
         """Forget every frontier held under ``tokens`` (their boundary is deleted)."""
         with self._lock:
             for key in [key for key in self._held if key[0] in tokens]:
-                del self._held[key]
+                self._nbytes -= self._held.pop(key)[1]
 
 
 HELD_FRONTIERS = HeldFrontiers()  # this process's

@@ -16,11 +16,11 @@ from adaround_core.calibration import frontier_store
 from adaround_core.calibration.capture_method import ONE_PASS, PER_LAYER, layer_capturer
 from adaround_core.calibration.frontier_store import load_frontiers, release_held, save_frontiers
 from adaround_core.calibration.graph_trace import NotSegmentable, trace_layer_graph
-from adaround_core.calibration.held_frontiers import HELD_FRONTIERS
+from adaround_core.calibration.held_frontiers import HELD_FRONTIERS, HeldFrontiers
 from adaround_core.calibration.layer_capture import capture_layer_io
 from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.calibration.one_pass_capture import OnePassCapture
-from adaround_core.calibration.segmented_forward import advance, start
+from adaround_core.calibration.segmented_forward import Frontier, advance, start
 from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
@@ -470,6 +470,25 @@ def test_frontiers_held_in_memory_continue_like_written_ones(tmp_path, held):
             assert all(torch.equal(a, b) for a, b in
                        zip(x + y, expected[name][0] + expected[name][1], strict=True)), name
         assert HELD_FRONTIERS.nbytes == before
+
+
+def test_the_held_bytes_stay_within_the_budget_through_offers_takes_and_drops():
+    """Every held frontier counts once (a shared storage once) until it is taken or its
+    boundary dropped; an offer that would pass the budget, or repeats a key, is refused."""
+    held = HeldFrontiers()
+    shared = torch.zeros(10)  # 40 bytes
+    frontier = Frontier(0, {"a": shared, "b": shared[:5], "c": torch.zeros(5)})  # 60 bytes
+    assert held.offer("t1", 0, frontier, budget=100)
+    assert not held.offer("t1", 1, frontier, budget=100)  # 120 > 100
+    assert not held.offer("t1", 0, frontier, budget=1000)  # the same key again
+    assert held.offer("t1", 1, frontier, budget=120) and held.offer("t2", 0, frontier, 180)
+    assert held.nbytes == 180
+    assert held.take("t1", 0) is frontier and held.take("t1", 0) is None
+    assert held.nbytes == 120 and held.holds("t1", 1) and not held.holds("t1", 0)
+    held.drop({"t1", "t3"})
+    assert held.nbytes == 60 and not held.holds("t1", 1) and held.holds("t2", 0)
+    held.drop({"t2"})
+    assert held.nbytes == 0
 
 
 def test_held_frontiers_another_process_lacks_are_unusable(tmp_path):
