@@ -64,7 +64,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help="the run's directory (default: bench/results/scale/<model>_<samples>)")
     p.add_argument("--out", type=Path, default=None, help="JSON (default: <workdir>.json)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one pipeline setting (YAML value), e.g. "
+                        "runtime.frontier_memory_mb=0; repeatable")
     return p.parse_args(argv)
+
+
+def apply_overrides(params: dict, overrides: list[str]) -> dict:
+    """``params`` with each ``section.key=value`` of ``overrides`` set (value read as YAML)."""
+    for item in overrides:
+        path, sep, value = item.partition("=")
+        section, dot, key = path.partition(".")
+        if not sep or not dot or section not in params:
+            raise SystemExit(f"--set {item}: expected SECTION.KEY=VALUE with a section of "
+                             f"params.yaml ({', '.join(params)})")
+        params[section][key] = yaml.safe_load(value)
+    return params
 
 
 def pipeline_params(args: argparse.Namespace, workdir: Path) -> dict:
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = (args.workdir or REPO / "bench/results/scale" / f"{args.model}_{args.samples}")
     workdir.mkdir(parents=True, exist_ok=True)
-    params = pipeline_params(args, workdir)
+    params = apply_overrides(pipeline_params(args, workdir), args.set)
     params_file = workdir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     setup = {stage: run_stage(stage, params_file)
@@ -204,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = machine_rates(repeats=5)
     result = {
         "model": args.model, "samples": args.samples, "steps": args.steps, "bits": args.bits,
+        "overrides": args.set,
         "step_batch": args.adaround_batch_size or args.batch_size,
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch": torch.__version__,
