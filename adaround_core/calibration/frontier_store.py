@@ -26,10 +26,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.serialization import config as serialization_config
 
+from adaround_core.calibration.background_writes import BackgroundWrites
 from adaround_core.calibration.checksum import tree_checksum
 from adaround_core.calibration.held_frontiers import HELD_FRONTIERS
 from adaround_core.calibration.sample_store import CorruptCacheError
@@ -99,7 +101,9 @@ class FrontierWriter:
     """Writes one layer boundary's frontiers under ``directory`` (existing, empty) as they
     come, each checksummed from its tensors in memory (no second read), or holds them in
     this process's memory while everything held fits in ``hold_budget`` bytes;
-    :meth:`finish` writes the manifest that makes the directory valid."""
+    :meth:`finish` writes the manifest that makes the directory valid. Files are written
+    behind the caller (:mod:`~.background_writes`): nothing may change a frontier's
+    tensors after it is given to :meth:`write`."""
 
     def __init__(self, directory: Path, fingerprint: str, hold_budget: int = 0) -> None:
         self.directory, self.fingerprint = Path(directory), fingerprint
@@ -107,6 +111,7 @@ class FrontierWriter:
         self.token = HELD_FRONTIERS.new_token()
         self._files: list[dict] = []
         self._positions: set[int] = set()
+        self._writes = BackgroundWrites()
 
     def write(self, frontier: Frontier) -> None:
         index = len(self._files)
@@ -115,17 +120,23 @@ class FrontierWriter:
                                                      self.hold_budget):
             self._files.append({"held": self.token})
             return
+        self._files.append({})  # filled in by finish()
+        self._writes.submit(self._write_file, index, frontier.values)
+
+    def _write_file(self, index: int, values: dict[str, Any]) -> tuple[int, dict]:
         name = f"frontier_{index:05d}.pt"
         tmp = self.directory / f".{name}.tmp"
         # no zip CRC (the checksum covers the tensors) and no fsync (a torn write fails
         # the checksum or the load on use, and the pass restarts from the model input)
         with serialization_config.patch({"save.compute_crc32": False}):
-            torch.save(frontier.values, tmp)
+            torch.save(values, tmp)
         os.replace(tmp, self.directory / name)
-        self._files.append({"file": name, "checksum": tree_checksum(frontier.values)})
+        return index, {"file": name, "checksum": tree_checksum(values)}
 
     def finish(self) -> int:
-        """Write the manifest; the number of frontiers written."""
+        """Wait for the files, write the manifest; the number of frontiers."""
+        for index, entry in self._writes.results():
+            self._files[index] = entry
         if len(self._positions) > 1:
             raise ValueError(f"frontiers at different positions {sorted(self._positions)}; "
                              f"save one layer boundary at a time")
@@ -138,7 +149,9 @@ class FrontierWriter:
         return len(self._files)
 
     def abandon(self) -> None:
-        """Forget the frontiers held so far (the boundary will not be finished)."""
+        """Stop writing and forget the frontiers held so far (the boundary will not be
+        finished)."""
+        self._writes.cancel()
         HELD_FRONTIERS.drop({self.token})
 
 

@@ -17,7 +17,8 @@ from typing import Protocol
 
 import torch
 
-from adaround_core.calibration.checksum import buffer_checksum, file_checksum
+from adaround_core.calibration.background_writes import BackgroundWrites
+from adaround_core.calibration.checksum import file_checksum, write_checksummed
 
 MANIFEST = "manifest.json"
 
@@ -74,10 +75,9 @@ def write_shard(directory: Path, file: str, tensor: torch.Tensor) -> ShardInfo:
     raw = data.view(torch.uint8).numpy() if data.numel() else b""
     tmp = directory / f".{file}.tmp"
     with open(tmp, "wb") as f:
-        f.write(raw)
+        checksum = write_checksummed(f, raw)
     os.replace(tmp, directory / file)
-    return ShardInfo(file, data.shape[0], tuple(data.shape[1:]), str(data.dtype),
-                     buffer_checksum([raw]))
+    return ShardInfo(file, data.shape[0], tuple(data.shape[1:]), str(data.dtype), checksum)
 
 
 def write_manifest(directory: Path, groups: dict[str, list[ShardInfo]]) -> None:
@@ -189,15 +189,27 @@ def _read_into(fd: int, target: memoryview, offset: int) -> int:
 
 def write_layer_cache(directory: Path, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
     """Stream ``(inputs, targets)`` pairs into shards plus a manifest under ``directory``
-    (which must exist and be empty); returns the number of rows written."""
+    (which must exist and be empty); returns the number of rows written. The shards are
+    written behind the pairs' producer (:mod:`~.background_writes`): nothing may change a
+    pair's tensors after it is yielded."""
     directory = Path(directory)
-    inputs: list[ShardInfo] = []
-    targets: list[ShardInfo] = []
-    for i, (x, y) in enumerate(pairs):
-        inputs.append(write_shard(directory, f"inputs_{i:05d}.bin", x))
-        targets.append(write_shard(directory, f"targets_{i:05d}.bin", y))
-    write_manifest(directory, {"inputs": inputs, "targets": targets})
+    writes = BackgroundWrites()
+    try:
+        for i, (x, y) in enumerate(pairs):
+            writes.submit(_write_pair, directory, i, x, y)
+        shards = writes.results()
+    except BaseException:
+        writes.cancel()
+        raise
+    inputs = [x for x, _ in shards]
+    write_manifest(directory, {"inputs": inputs, "targets": [y for _, y in shards]})
     return sum(s.rows for s in inputs)
+
+
+def _write_pair(directory: Path, index: int, x: torch.Tensor,
+                y: torch.Tensor) -> tuple[ShardInfo, ShardInfo]:
+    return (write_shard(directory, f"inputs_{index:05d}.bin", x),
+            write_shard(directory, f"targets_{index:05d}.bin", y))
 
 
 def cached_groups(directory: Path, device: torch.device | str = "cpu",

@@ -1,12 +1,19 @@
 """Cache checksums: taken over tensor storages in memory, equal to the file's, and a cache
 written with another checksum is refused (recomputed), not trusted."""
 
+import io
 import json
 
 import pytest
 import torch
 
-from adaround_core.calibration.checksum import buffer_checksum, file_checksum, tree_checksum
+from adaround_core.calibration import checksum
+from adaround_core.calibration.checksum import (
+    buffer_checksum,
+    file_checksum,
+    tree_checksum,
+    write_checksummed,
+)
 from adaround_core.calibration.sample_store import (
     MANIFEST,
     CorruptCacheError,
@@ -38,6 +45,16 @@ def test_shard_checksum_is_the_file_checksum(tmp_path):
     (tmp_path / shards["targets"][0].file).write_bytes(bytes(data))
     with pytest.raises(CorruptCacheError, match="checksum"):
         read_manifest(tmp_path, verify=True)
+
+
+@pytest.mark.parametrize("size", [0, 1, 10, 16, 33])
+def test_a_buffer_written_in_chunks_is_whole_and_its_checksum_the_whole_ones(monkeypatch, size):
+    monkeypatch.setattr(checksum, "_WRITE_CHUNK", 8)  # several chunks, the last one short
+    data = torch.arange(size, dtype=torch.float32).numpy()
+    file = io.BytesIO()
+    digest = write_checksummed(file, data)
+    assert file.getvalue() == data.tobytes()
+    assert digest == buffer_checksum([data.tobytes()])
 
 
 def test_manifest_of_another_version_is_refused(tmp_path):

@@ -89,6 +89,24 @@ def test_per_tensor_with_affine_qparams_matches_torch_tensor_qparams(grad):
     assert torch.equal(got.detach(), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_in_place_fake_quantize_is_the_formula_bit_for_bit(monkeypatch, dtype):
+    """A large contiguous tensor is fake-quantized chunk by chunk (a chunk size that does
+    not divide it, so the last chunk is short): the formula's bits, in a new tensor."""
+    monkeypatch.setattr(qm, "FAKE_QUANT_CHUNK", 7)
+    x = (torch.randn(5, 3, 4, dtype=dtype) * 3 + 0.5)
+    x.view(-1)[:4] = torch.tensor([0.5, 1.5, -0.5, 2.5], dtype=dtype) * 0.037  # ties
+    scale, zero_point = torch.tensor(0.037), torch.tensor(3.0)
+    assert qm._chunkable(x, scale, zero_point)
+    expected = qm.dequantize(qm.quantize_to_int(x, scale, zero_point, 0, 15), scale, zero_point)
+    original = x.clone()
+    got = qm.fake_quantize(x, scale, zero_point, 0, 15)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert torch.equal(x, original)  # the input is left as it was
+    assert not qm._chunkable(x.transpose(0, 2), scale, zero_point)  # not contiguous
+    assert not qm._chunkable(x, torch.full((5, 1, 1), 0.037), zero_point)  # per channel
+
+
 def test_quantize_dequantize_roundtrip_on_grid():
     scale, zp = torch.tensor(0.25), torch.tensor(3.0)
     q = torch.arange(0.0, 16.0)

@@ -95,19 +95,21 @@ def test_cache_on_a_full_or_read_only_disk_is_a_clear_error_then_recovers(
 def test_full_disk_fails_the_flow_cleanly_and_a_rerun_recovers(
         prefect_harness, project, pipe, monkeypatch):
     params = pipe.params(project)
-    calls = {"n": 0}
+    attempts: list[str] = []
     real_write = sample_store.write_shard
 
     def write_shard(directory, file, tensor):  # the disk fills up at the third layer
         if "conv3" in str(directory):
-            calls["n"] += 1
+            attempts.append(file)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(directory, file, tensor)
 
     monkeypatch.setattr(sample_store, "write_shard", write_shard)
     with pytest.raises(OSError, match="the disk is full"):
         adaround_flow(params)
-    assert calls["n"] == 1  # a full disk is not retried: only the user can fix it
+    # a full disk is not retried (only the user can fix it): no shard is tried twice (the
+    # writes behind the capture may have tried the next batch's before the error surfaced)
+    assert attempts and len(attempts) == len(set(attempts))
     assert [f.split("--")[0] for f in pipe.result_files(project)] == ["conv1", "conv2"]
     monkeypatch.undo()
     state = adaround_flow(params, return_state=True)
