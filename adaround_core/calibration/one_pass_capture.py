@@ -110,7 +110,8 @@ class OnePassCapture:
                   take: Callable[[Frontier, Frontier, bool], T]) -> Iterator[T]:
         """Per batch: ``take`` of both passes, continued up to the call of ``name``, and
         told whether this process continues the passes later (False when they are streamed
-        to disk: then nothing runs on the taken tensors after they are written)."""
+        to disk: then nothing runs on the taken tensors after they are written; and after
+        the last layer, whose passes are dropped: no later layer needs them)."""
         if not self._pending or self._pending[0] != name:
             expected = self._pending[0] if self._pending else "none"
             raise ValueError(f"layer {name!r} asked out of order (next is {expected!r}); "
@@ -118,16 +119,17 @@ class OnePassCapture:
         self._pending.pop(0)
         call = self.graph.layer_calls[name]
         writers = self._writers(Path(sink)) if sink is not None else None
+        keep = writers is None and bool(self._pending)  # the last layer's passes end here
         count = 0
         try:
             for i, (quant, floating) in enumerate(self._frontiers()):
                 advance(self.graph, self.quant_model, quant, call)
                 advance(self.graph, self.float_model, floating, call)
-                taken = take(quant, floating, writers is None)
-                if writers is None:
+                taken = take(quant, floating, keep)
+                if keep:
                     self._quant.put(i, quant)
                     self._float.put(i, floating)
-                else:
+                elif writers is not None:
                     writers[0].write(quant)
                     writers[1].write(floating)
                 count += 1
