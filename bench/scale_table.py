@@ -12,9 +12,15 @@ from pathlib import Path
 GB = 1e9
 
 
+def _label(r: dict) -> str:
+    """The model, with the settings the run overrode (``bench_scale --set``)."""
+    overrides = r.get("overrides") or []
+    return r["model"] + (f" ({', '.join(overrides)})" if overrides else "")
+
+
 def _row(r: dict) -> str:
     floor = r["floor"]
-    return (f"| {r['model']} | {r['samples']} | {r['adaround_wall_s']:.0f} s | "
+    return (f"| {_label(r)} | {r['samples']} | {r['adaround_wall_s']:.0f} s | "
             f"{r['capture_s']:.0f} s (**{100 * r['capture_share']:.0f} %**) | "
             f"{r['rounding_s']:.0f} s | {r['orchestration_s']:.0f} s | "
             f"{r['peak_rss_bytes'] / GB:.2f} GB | {r['peak_cache_bytes'] / GB:.2f} GB "
@@ -49,7 +55,7 @@ def ratios(results: list[dict]) -> str:
     out = []
     by_model: dict[str, list[dict]] = {}
     for r in results:
-        by_model.setdefault(r["model"], []).append(r)
+        by_model.setdefault(_label(r), []).append(r)
     for model, runs in sorted(by_model.items()):
         runs.sort(key=lambda r: r["samples"])
         if len(runs) > 1:
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", type=Path, nargs="+")
     args = p.parse_args(argv)
     results = sorted((json.loads(f.read_text()) for f in args.results),
-                     key=lambda r: (r["model"], r["samples"]))
+                     key=lambda r: (_label(r), r["samples"]))
     print(table(results))
     print()
     print(ratios(results))
