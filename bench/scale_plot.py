@@ -24,7 +24,8 @@ PARTS = (("capture_s", "capture", "C3"), ("rounding_s", "rounding", "C0"),
 
 
 def _label(result: dict) -> str:
-    return f"{result['model']}\n{result['samples']}"
+    """Model (split at its underscores, so long names do not overlap) and N."""
+    return f"{result['model'].replace('_', chr(10))}\n{result['samples']}"
 
 
 def wall_figure(results: list[dict], path: Path) -> None:
