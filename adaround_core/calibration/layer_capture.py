@@ -71,14 +71,19 @@ def iter_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
 
     Streams: only one batch's tensors are alive at a time.
     """
+    # With several calls the pass runs on after the first, and a later in-place op (a
+    # ``relu_``) could change what was taken: then every taken tensor is a copy.
+    own = (lambda t: t.clone()) if expected_calls > 1 else (lambda t: t)
+
     def take_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         _check_single_input(name, args, kwargs)
         if not quantize_input:
             return args[0].detach().clone()
-        return module.input_fake_quant(args[0]).detach()
+        x = module.input_fake_quant(args[0]).detach()
+        return own(x) if x.data_ptr() == args[0].data_ptr() else x
 
     yield from iter_module_calls(quant_model, float_model, name, expected_calls, batches,
-                                 take_input, lambda output: output.detach())
+                                 take_input, lambda output: own(output.detach()))
 
 
 def iter_module_calls(quant_model: nn.Module, float_model: nn.Module, name: str,

@@ -134,6 +134,8 @@ class OnePassCapture:
                     writers[1].write(floating)
                 count += 1
                 yield taken
+            for writer in writers or ():  # its last writes may fail too
+                writer.finish()
         except BaseException:  # an abandoned boundary holds no memory
             for writer in writers or ():
                 writer.abandon()
@@ -141,8 +143,6 @@ class OnePassCapture:
         self._num_batches = count
         self._saved = None  # the passes are in the stores now ...
         if writers is not None:
-            for writer in writers:
-                writer.finish()
             self._write_state(Path(sink))
             self._saved = Path(sink)  # ... or in the sink, continued from there
 

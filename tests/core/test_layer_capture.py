@@ -11,7 +11,7 @@ from torch import nn
 from adaround_core.calibration.layer_capture import capture_layer_io, first_call_order
 from adaround_core.quant.fake_quantize import FakeQuantState, fake_quantizers, set_fake_quantize
 from adaround_core.quant.quant_layers import quant_layers
-from adaround_core.quantization import prepare_qat_fx
+from adaround_core.quantization import QConfig, prepare_qat_fx
 
 
 class OutOfOrder(nn.Module):
@@ -92,6 +92,34 @@ def test_capture_of_a_layer_called_twice_collects_both_calls():
         second = float_model.shared(first)
     torch.testing.assert_close(targets[0], first)
     torch.testing.assert_close(targets[1], second)
+
+
+class SharedThenInPlace(nn.Module):
+    """A shared layer whose first output an in-place op changes before its second call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.shared(x)
+        return self.shared(y.relu_())
+
+
+def test_targets_of_a_layer_called_twice_are_not_changed_by_later_in_place_ops():
+    """The pass runs on after the first call: what it took stays as the layer gave it."""
+    torch.manual_seed(0)
+    batches = [torch.randn(5, 4) for _ in range(2)]
+    float_model = SharedThenInPlace().eval()
+    q = prepare_qat_fx(copy.deepcopy(float_model), QConfig(activation_bits=None),
+                       example_inputs=batches[0])
+    set_fake_quantize(q, FakeQuantState.VALIDATION)
+    inputs, targets = capture_layer_io(q, _float_reference(q), "shared", 2, batches)
+    with torch.no_grad():
+        first = float_model.shared(batches[0])
+        assert (first < 0).any()  # the relu_ would have changed it
+        torch.testing.assert_close(targets[0], first)
+        torch.testing.assert_close(inputs[1], q.shared(batches[0]).relu())
 
 
 def test_capture_stops_the_forward_pass_at_the_layer():

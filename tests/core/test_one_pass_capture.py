@@ -515,6 +515,31 @@ def test_held_frontiers_another_process_lacks_are_unusable(tmp_path):
         assert HELD_FRONTIERS.nbytes == before
 
 
+def test_a_boundary_whose_last_write_fails_holds_nothing(tmp_path, monkeypatch):
+    """The files are written behind the capture: a write that fails after the last batch
+    (the disk fills) is raised when the boundary is finished, and the frontiers held in
+    memory for it are let go of as for any abandoned capture."""
+    q, batches, order = _capture_state(ResidualCNN(), (2, 3, 8, 8), num_batches=3)
+    write = frontier_store.FrontierWriter._write_file
+
+    def full_disk(self, index, values):
+        if index == 2:
+            raise OSError(28, "No space left on device")
+        return write(self, index, values)
+
+    monkeypatch.setattr(frontier_store.FrontierWriter, "_write_file", full_disk)
+    with eval_mode(q), fake_quant_state(q, FakeQuantState.VALIDATION):
+        graph = trace_layer_graph(q, order, LEAVES, batches[0])
+        before = HELD_FRONTIERS.nbytes
+        _streamed(q, graph, order, batches, tmp_path / "sizes", 1 << 40)
+        per_batch = (HELD_FRONTIERS.nbytes - before) // 3
+        release_held(tmp_path / "sizes")
+        with pytest.raises(OSError, match="No space left"):
+            _streamed(q, graph, order, batches, tmp_path / "sink", before + per_batch)
+        assert HELD_FRONTIERS.nbytes == before
+        assert not (tmp_path / "sink" / "capture.json").exists()
+
+
 def test_a_consuming_resume_deletes_each_frontier_once_read(tmp_path):
     """``resume(consume=True)`` gives the same capture and leaves no frontier file behind;
     the consumed directory cannot be resumed again (it is incomplete), nor can one that an
