@@ -4,12 +4,11 @@ name and recomputed."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -23,6 +22,7 @@ from tasks.run_logging import run_logger
 WEIGHT_DIGEST = "weight_sha256"  # metadata entry: result_digest of the result's tensors
 WORLD_SIZE = "world_size"  # metadata entry of a torchrun run's result: its number of ranks
 RESULT_METADATA = ("key", "report", WEIGHT_DIGEST)
+T = TypeVar("T")
 
 
 class InvalidResultError(ValueError):
@@ -38,24 +38,21 @@ def result_digest(tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
-@contextlib.contextmanager
-def _safetensors_file(path: Path) -> Iterator[Any]:
-    """``path`` opened by safetensors; any error reading it is the result's invalidity
-    (safetensors raises its own types for bad headers and data)."""
+def _read_safetensors(path: Path, read: Callable[[Any], T]) -> T:
+    """``read`` of ``path`` opened by safetensors; any error opening or reading it is the
+    result's invalidity (safetensors raises its own types for bad headers and data), so
+    ``read`` must do nothing but read the opened file."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            yield f
-    except InvalidResultError:
-        raise
+            return read(f)
     except Exception as err:
         raise InvalidResultError(f"unreadable: {err}") from err
 
 
 def _open_result(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a result file."""
-    with _safetensors_file(path) as f:
-        metadata = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    metadata, tensors = _read_safetensors(
+        path, lambda f: (f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}))  # noqa: SIM118
     if not tensors:
         raise InvalidResultError("it holds no tensor")
     return tensors, metadata
@@ -63,8 +60,7 @@ def _open_result(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def result_metadata(path: Path) -> dict[str, str]:
     """The metadata of a result file; :class:`InvalidResultError` when it is unreadable."""
-    with _safetensors_file(path) as f:
-        return f.metadata() or {}
+    return _read_safetensors(path, lambda f: f.metadata() or {})
 
 
 def _checked_report(metadata: dict[str, str], key: str) -> dict:

@@ -18,7 +18,7 @@ import xxhash
 
 from adaround_core.torch_private import tree_leaves
 
-_CHUNK = 1 << 20
+_CHUNK = 4 << 20  # bytes hashed or read at a time: a chunk stays in the CPU's cache
 
 
 def buffer_checksum(buffers: Iterable[Any]) -> str:
@@ -34,18 +34,16 @@ def write_checksummed(file: BinaryIO, buffer: Any) -> str:
     is written, while it is in the CPU's cache; its :func:`buffer_checksum`."""
     view = memoryview(buffer).cast("B")
     digest = xxhash.xxh3_128()
-    for start in range(0, len(view), _WRITE_CHUNK):
-        chunk = view[start:start + _WRITE_CHUNK]
+    for start in range(0, len(view), _CHUNK):
+        chunk = view[start:start + _CHUNK]
         file.write(chunk)
         digest.update(chunk)
     return digest.hexdigest()
 
 
-_WRITE_CHUNK = 4 << 20
-
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
-    """A file's bytes in 1 MiB chunks."""
+    """A file's bytes in :data:`_CHUNK` pieces."""
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             yield chunk
@@ -71,6 +69,12 @@ def distinct_storages(values: Any) -> list[torch.Tensor]:
             storage = leaf.untyped_storage()
             storages.setdefault((storage.device, storage.data_ptr()), leaf)
     return list(storages.values())
+
+
+def shares_storage(a: torch.Tensor, b: Any) -> bool:
+    """Whether ``b`` is a tensor on the same storage as ``a`` (a view or ``a`` itself)."""
+    return isinstance(b, torch.Tensor) and \
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def tree_checksum(values: Any) -> str:

@@ -52,10 +52,11 @@ def faster_function(target: Any) -> Any:
         return target
 
 
-def faster_module_call(module: nn.Module) -> Callable[..., Any]:
-    """What to call for ``module``: a faster equivalent of its forward, or the module
-    itself (any module with hooks, whose hooks must run)."""
-    if type(module) is nn.MaxPool2d and not forward_hooks(module) and not global_forward_hooks():
-        return lambda x: max_pool2d(x, module.kernel_size, module.stride, module.padding,
-                                    module.dilation, module.ceil_mode, module.return_indices)
-    return module
+def call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)``, through a faster equivalent of its forward where there
+    is one (never for a module with hooks, whose hooks must run)."""
+    if (type(module) is nn.MaxPool2d and len(args) == 1 and not kwargs
+            and not forward_hooks(module) and not global_forward_hooks()):
+        return max_pool2d(args[0], module.kernel_size, module.stride, module.padding,
+                          module.dilation, module.ceil_mode, module.return_indices)
+    return module(*args, **kwargs)

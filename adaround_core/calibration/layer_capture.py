@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from adaround_core.calibration.batches import call_model
+from adaround_core.calibration.checksum import shares_storage
 
 
 class _LayerReached(Exception):
@@ -80,7 +81,7 @@ def iter_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
         if not quantize_input:
             return args[0].detach().clone()
         x = module.input_fake_quant(args[0]).detach()
-        return own(x) if x.data_ptr() == args[0].data_ptr() else x
+        return own(x) if shares_storage(x, args[0]) else x
 
     yield from iter_module_calls(quant_model, float_model, name, expected_calls, batches,
                                  take_input, lambda output: own(output.detach()))

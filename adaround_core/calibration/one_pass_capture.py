@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from adaround_core.calibration.checksum import shares_storage
 from adaround_core.calibration.frontier_store import (
     FRONTIER_MEMORY_BUDGET,
     Consume,
@@ -180,7 +181,7 @@ class OnePassCapture:
         layer = self.quant_model.get_submodule(name)
         with torch.no_grad():
             x = layer.input_fake_quant(arg).detach()
-        return x.clone() if _shares_storage(x, arg) else x
+        return x.clone() if shares_storage(x, arg) else x
 
     def _target(self, frontier: Frontier, continued: bool) -> torch.Tensor:
         """Run the layer's call in the float pass; its output (a copy if the pass is
@@ -261,7 +262,3 @@ def _borrowed(store: FrontierStore, count: int) -> Iterator[Frontier]:
         yield frontier
         store.put(i, frontier)
 
-
-def _shares_storage(a: torch.Tensor, b: Any) -> bool:
-    return isinstance(b, torch.Tensor) and \
-        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from adaround_core.calibration.checksum import distinct_storages
-from adaround_core.calibration.cpu_kernels import faster_function, faster_module_call
+from adaround_core.calibration.cpu_kernels import call_module, faster_function
 from adaround_core.calibration.graph_trace import LayerGraph, batch_arguments
 from adaround_core.torch_private import tree_leaves
 
@@ -107,7 +107,7 @@ def _run_node(node: fx.Node, model: nn.Module, values: dict[str, Any],
               constants: dict[str, Any]) -> Any:
     args, kwargs = node_arguments(node, values)
     if node.op == "call_module":
-        return faster_module_call(model.get_submodule(node.target))(*args, **kwargs)
+        return call_module(model.get_submodule(node.target), *args, **kwargs)
     if node.op == "call_function":
         return faster_function(node.target)(*args, **kwargs)
     if node.op == "call_method":

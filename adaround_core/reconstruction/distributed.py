@@ -9,6 +9,8 @@ the same Adam step, so ``V`` stays identical on all ranks. Outside ``torchrun`` 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -105,7 +107,17 @@ def join(device: torch.device) -> RankGroup | None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=collective_timeout())
+    atexit.register(leave)  # a group left open aborts the process at exit (gloo's threads)
     return current_group()
+
+
+def leave() -> None:
+    """Destroy the default process group, if there is one: its background threads must be
+    joined before the interpreter exits, or the process aborts ("terminate called without an
+    active exception") after its work is done. Errors of a group whose peer died are ignored."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(RuntimeError, ValueError, dist.DistError):
+            dist.destroy_process_group()
 
 
 def collective_timeout() -> timedelta:

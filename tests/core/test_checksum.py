@@ -49,7 +49,7 @@ def test_shard_checksum_is_the_file_checksum(tmp_path):
 
 @pytest.mark.parametrize("size", [0, 1, 10, 16, 33])
 def test_a_buffer_written_in_chunks_is_whole_and_its_checksum_the_whole_ones(monkeypatch, size):
-    monkeypatch.setattr(checksum, "_WRITE_CHUNK", 8)  # several chunks, the last one short
+    monkeypatch.setattr(checksum, "_CHUNK", 8)  # several chunks, the last one short
     data = torch.arange(size, dtype=torch.float32).numpy()
     file = io.BytesIO()
     digest = write_checksummed(file, data)

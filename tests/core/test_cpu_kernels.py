@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaround_core.calibration import cpu_kernels
-from adaround_core.calibration.cpu_kernels import faster_function, faster_module_call, max_pool2d
+from adaround_core.calibration.cpu_kernels import call_module, faster_function, max_pool2d
 
 
 def _awkward(dtype: torch.dtype) -> torch.Tensor:
@@ -49,22 +49,26 @@ def test_small_or_other_inputs_keep_torch_kernel():
     assert not cpu_kernels._pools_faster_channels_last(big.transpose(2, 3))
 
 
-def test_the_executor_swaps_in_the_kernel_only_where_it_is_safe():
+def test_the_executor_swaps_in_the_kernel_only_where_it_is_safe(monkeypatch):
     """Functions and plain ``MaxPool2d`` modules get the faster form; a module with a hook
     (which must run) or a subclass (another forward) is called as it is."""
     assert faster_function(F.max_pool2d) is max_pool2d
     assert faster_function(torch.relu) is torch.relu
+    fast_calls = []
+    monkeypatch.setattr(cpu_kernels, "max_pool2d",
+                        lambda *args: fast_calls.append(1) or max_pool2d(*args))
     pool = nn.MaxPool2d(3, 2, 1)
     x = torch.randn(2, 3, 130, 130)
-    call = faster_module_call(pool)
-    assert call is not pool and torch.equal(call(x), pool(x))
+    assert torch.equal(call_module(pool, x), pool(x)) and fast_calls == [1]
     seen = []
     handle = pool.register_forward_hook(lambda *args: seen.append(1))
-    assert faster_module_call(pool) is pool
+    assert torch.equal(call_module(pool, x), F.max_pool2d(x, 3, 2, 1))
+    assert seen == [1] and fast_calls == [1]
     handle.remove()
 
     class Custom(nn.MaxPool2d):
-        pass
+        def forward(self, input):
+            return super().forward(input) + 1
 
-    custom = Custom(2)
-    assert faster_module_call(custom) is custom
+    assert torch.equal(call_module(Custom(2), x), F.max_pool2d(x, 2) + 1)
+    assert fast_calls == [1]

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from adaround_core.reconstruction.distributed import (
     TIMEOUT_ENV,
     RankGroup,
     RankLostError,
     collective_timeout,
+    leave,
 )
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
@@ -129,3 +131,17 @@ def test_a_bad_collective_timeout_is_refused_naming_the_variable(monkeypatch, te
     monkeypatch.setenv(TIMEOUT_ENV, text)
     with pytest.raises(ValueError, match=f"^{TIMEOUT_ENV}='{text}': give the seconds"):
         collective_timeout()
+
+
+def test_leaving_destroys_the_process_group_so_the_process_can_exit_cleanly(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        leave()
+        assert not dist.is_initialized()
+        leave()  # nothing left to destroy: does nothing
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
