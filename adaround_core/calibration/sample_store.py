@@ -32,6 +32,9 @@ class RowStore(Protocol):
 
     def gather(self, index: torch.Tensor) -> torch.Tensor: ...
 
+    def advise(self, index: torch.Tensor) -> None:
+        """Say the rows at ``index`` will be gathered next (a disk store starts reading)."""
+
 
 class TensorStore:
     """Rows of a tensor held in memory (on the model's device)."""
@@ -44,6 +47,9 @@ class TensorStore:
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         return self.tensor.index_select(0, index.to(self.tensor.device))
+
+    def advise(self, index: torch.Tensor) -> None:
+        """In memory already: nothing to do."""
 
 
 @dataclass(frozen=True)
@@ -154,20 +160,32 @@ class ShardStore:
         """The rows at ``index``, read into one fresh tensor (torch's allocator: huge pages
         with ``THP_MEM_ALLOC_ENABLE``, no zero fill; a ``bytearray`` of a 224-px layer's
         batch cost 4x the read itself)."""
-        index = index.cpu()
-        shard_of = torch.searchsorted(self._starts, index, right=True) - 1
-        offsets = (index - self._starts[shard_of]) * self.row_nbytes
         size = self.row_nbytes
         rows = torch.empty((len(index), *self.row_shape), dtype=self.dtype)
         if rows.numel():
             view = memoryview(rows.view(torch.uint8).numpy()).cast("B")
-            fds = [self._fd(s.file) for s in self.shards]
-            for k, (shard, offset) in enumerate(zip(shard_of.tolist(), offsets.tolist(),
-                                                    strict=True)):
-                if _read_into(fds[shard], view[k * size:(k + 1) * size], offset) != size:
-                    raise CorruptCacheError(f"shard {self.directory / self.shards[shard].file} "
-                                            f"is truncated")
+            for k, (shard, offset) in enumerate(self._locations(index)):
+                if _read_into(self._fd(shard.file), view[k * size:(k + 1) * size],
+                              offset) != size:
+                    raise CorruptCacheError(f"shard {self.directory / shard.file} is truncated")
         return rows.to(self.device)
+
+    def advise(self, index: torch.Tensor) -> None:
+        """Ask the kernel to read the rows at ``index`` ahead (``POSIX_FADV_WILLNEED``):
+        rows not in the page cache are read from disk while the caller computes, by the
+        kernel, without a thread here competing with the caller's for the cores."""
+        if self.row_nbytes and hasattr(os, "posix_fadvise"):
+            for shard, offset in self._locations(index):
+                os.posix_fadvise(self._fd(shard.file), offset, self.row_nbytes,
+                                 os.POSIX_FADV_WILLNEED)
+
+    def _locations(self, index: torch.Tensor) -> list[tuple[ShardInfo, int]]:
+        """The shard and byte offset in it of each row at ``index``."""
+        index = index.cpu()
+        shard_of = torch.searchsorted(self._starts, index, right=True) - 1
+        offsets = (index - self._starts[shard_of]) * self.row_nbytes
+        return [(self.shards[shard], offset) for shard, offset
+                in zip(shard_of.tolist(), offsets.tolist(), strict=True)]
 
     def close(self) -> None:
         for fd in self._fds.values():

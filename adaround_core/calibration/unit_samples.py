@@ -41,6 +41,11 @@ class TreeStore:
                   for leaf, rows in zip(self.leaves, self.is_rows, strict=True)]
         return tree_unflatten(values, self.spec)
 
+    def advise(self, index: torch.Tensor) -> None:
+        for leaf, rows in zip(self.leaves, self.is_rows, strict=True):
+            if rows:
+                leaf.advise(index)
+
 
 def unit_samples(unit: str, calls: Sequence[Call], holdout_fraction: float,
                  generator: torch.Generator) -> LayerSamples:

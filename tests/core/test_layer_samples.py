@@ -87,7 +87,7 @@ def test_no_samples_is_an_error():
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_draws_are_the_successive_samples_read_ahead_from_disk(tmp_path, on_disk):
     """``draws`` gives exactly what as many ``sample`` calls give (same generator order),
-    from memory and from a disk cache (there read one batch ahead by a thread), in two row
+    from memory and from a disk cache (there the next batch's rows advised ahead), in two row
     shapes so the group choice draws from the generator too."""
     from adaround_core.calibration.sample_store import write_layer_cache
 
@@ -147,3 +147,39 @@ def test_disk_rows_are_read_exactly_into_fresh_tensors(tmp_path, dtype):
     shard.write_bytes(shard.read_bytes()[:-1])
     with pytest.raises(CorruptCacheError, match="truncated"):
         inputs.gather(torch.tensor([9]))
+
+
+def test_draws_from_disk_advise_the_next_rows_before_reading_the_current_ones(
+        tmp_path, monkeypatch):
+    """Each batch's rows are handed to ``posix_fadvise(WILLNEED)`` one step before they
+    are read, at their byte offsets in their shards, and no reader thread is started."""
+    import os
+    import threading
+
+    from adaround_core.calibration.sample_store import write_layer_cache
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this system")
+    write_layer_cache(tmp_path, [(x, 2 * x) for x in _ids(16).split(4)])
+    events: list[tuple] = []
+    monkeypatch.setattr(os, "posix_fadvise",
+                        lambda fd, offset, size, advice: events.append(("advise", offset, size,
+                                                                        advice)))
+    samples = LayerSamples.from_cache(tmp_path, 0.0, torch.Generator().manual_seed(0))
+    threads = threading.active_count()
+    drawn = []
+    for x, _ in samples.draws(3, 2, torch.Generator().manual_seed(1)):
+        assert threading.active_count() == threads
+        drawn.append(x[:, 0].long().tolist())
+        events.append(("read", drawn[-1]))
+    row_bytes = 3 * 4  # three float32 entries
+    advised = [e for e in events if e[0] == "advise"]
+    assert {e[3] for e in advised} == {os.POSIX_FADV_WILLNEED}
+    assert {e[2] for e in advised} == {row_bytes}
+    reads = [i for i, e in enumerate(events) if e[0] == "read"]
+    # before the first read: the second batch's 2 rows in inputs and targets (4 calls)
+    first = events[:reads[0]]
+    assert len(first) == 4
+    assert sorted(e[1] % (4 * row_bytes) for e in first[:2]) == \
+        sorted((r % 4) * row_bytes for r in drawn[1])
+    assert [e[0] for e in events[reads[1] + 1:]] == ["read"]  # nothing left to advise
