@@ -8,7 +8,10 @@ next layer continues both passes from there:
 * the quantized pass runs from the previous layer's call (so that call uses the
   previous layer's weight as rounded meanwhile) up to the layer's call, whose argument
   through the layer's ``input_fake_quant`` is the input;
-* the float pass runs through the layer's call, whose output is the target.
+* the float pass runs through the layer's call, whose output is the target, then on
+  towards the next layer's call through nodes that write into no tensor (it depends on
+  no rounding, and the paused pass is then often smaller: a ResNet stem's output after
+  pooling, a residual block's output instead of its two inputs).
 
 A cut point may also be a block (``granularity: block``): its call's arguments in the
 quantized pass are the inputs, its output in the float pass the target, as
@@ -54,6 +57,7 @@ from adaround_core.calibration.sample_store import CorruptCacheError
 from adaround_core.calibration.segmented_forward import (
     Frontier,
     advance,
+    advance_without_writes,
     call_arguments,
     node_arguments,
     start,
@@ -127,6 +131,9 @@ class OnePassCapture:
                 advance(self.graph, self.quant_model, quant, call)
                 advance(self.graph, self.float_model, floating, call)
                 taken = take(quant, floating, keep)
+                if self._pending:  # the float pass needs no rounding: on to the next call
+                    advance_without_writes(self.graph, self.float_model, floating,
+                                           self.graph.layer_calls[self._pending[0]])
                 if keep:
                     self._quant.put(i, quant)
                     self._float.put(i, floating)

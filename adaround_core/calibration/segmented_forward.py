@@ -10,16 +10,20 @@ float copy (same qualified names).
 
 from __future__ import annotations
 
+import contextlib
+import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from adaround_core.calibration.checksum import distinct_storages
 from adaround_core.calibration.cpu_kernels import call_module, faster_function
 from adaround_core.calibration.graph_trace import LayerGraph, batch_arguments
-from adaround_core.torch_private import tree_leaves
+from adaround_core.torch_private import forward_hooks, global_forward_hooks, tree_leaves
 
 
 @dataclass
@@ -61,6 +65,74 @@ def advance(graph: LayerGraph, model: nn.Module, frontier: Frontier, stop: int) 
         while frontier.position < stop:
             step(graph, model, frontier)
     return frontier
+
+
+def advance_without_writes(graph: LayerGraph, model: nn.Module, frontier: Frontier,
+                           stop: int) -> Frontier:
+    """:func:`advance` towards ``stop`` through nodes that write into no existing tensor:
+    ``torch.nn`` modules without hooks (an in-place activation run with ``inplace`` off:
+    the same values in a new tensor) and the known out-of-place functions and methods of
+    :func:`writes_nothing`. Stops before the first other node. The values already in the
+    frontier (e.g. a target just taken from it) are thus left as they are."""
+    with torch.no_grad():
+        while frontier.position < stop and writes_nothing(graph.nodes[frontier.position], model):
+            node = graph.nodes[frontier.position]
+            module = model.get_submodule(node.target) if node.op == "call_module" else None
+            with _inplace_off(module):
+                step(graph, model, frontier)
+    return frontier
+
+
+# Functions and tensor methods that return new tensors or views and write into none.
+_OUT_OF_PLACE_FUNCTIONS = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    operator.getitem, getattr, torch.add, torch.sub, torch.mul, torch.cat, torch.stack,
+    torch.flatten, torch.reshape, torch.matmul, torch.bmm, torch.relu, torch.sigmoid,
+    torch.tanh, F.gelu, F.softmax, F.layer_norm, F.adaptive_avg_pool2d, F.avg_pool2d,
+    F.max_pool2d, F.pad})
+_OUT_OF_PLACE_METHODS = frozenset({
+    "view", "reshape", "permute", "transpose", "contiguous", "flatten", "size", "dim",
+    "unsqueeze", "squeeze", "expand", "mean", "sum", "softmax", "matmul", "add", "sub",
+    "mul", "div", "chunk", "split", "t"})
+
+
+def writes_nothing(node: fx.Node, model: nn.Module) -> bool:
+    """Whether running ``node`` (with :func:`_inplace_off` for a module) writes into no
+    tensor that exists before it: a ``torch.nn`` module without hooks, a get_attr, or a
+    listed out-of-place function or method (none given ``inplace``)."""
+    if node.op == "get_attr":
+        return True
+    if node.kwargs.get("inplace"):
+        return False
+    if node.op == "call_module":
+        module = model.get_submodule(node.target)
+        return (type(module).__module__.startswith("torch.nn.modules.")
+                and not forward_hooks(module) and not global_forward_hooks())
+    if node.op == "call_function":
+        return _listed(node.target, _OUT_OF_PLACE_FUNCTIONS)
+    if node.op == "call_method":
+        return node.target in _OUT_OF_PLACE_METHODS
+    return False
+
+
+def _listed(target: Any, listed: frozenset) -> bool:
+    try:
+        return target in listed
+    except TypeError:  # an unhashable callable
+        return False
+
+
+@contextlib.contextmanager
+def _inplace_off(module: nn.Module | None) -> Iterator[None]:
+    """``module.inplace`` set to False for the block (torch.nn's in-place activations)."""
+    if module is None or not getattr(module, "inplace", False):
+        yield
+        return
+    module.inplace = False
+    try:
+        yield
+    finally:
+        module.inplace = True
 
 
 def step(graph: LayerGraph, model: nn.Module, frontier: Frontier) -> Any:

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from adaround_core.calibration import frontier_store
 from adaround_core.calibration.capture_method import ONE_PASS, PER_LAYER, layer_capturer
@@ -20,7 +20,7 @@ from adaround_core.calibration.held_frontiers import HELD_FRONTIERS, HeldFrontie
 from adaround_core.calibration.layer_capture import capture_layer_io
 from adaround_core.calibration.layer_samples import LayerSamples
 from adaround_core.calibration.one_pass_capture import OnePassCapture
-from adaround_core.calibration.segmented_forward import Frontier, advance, start
+from adaround_core.calibration.segmented_forward import Frontier, advance, start, writes_nothing
 from adaround_core.quant.fake_quantize import FakeQuantize, FakeQuantState
 from adaround_core.quant.model_modes import eval_mode, fake_quant_state, float_reference
 from adaround_core.quant.quant_layers import QuantLayerMixin, quant_layers
@@ -567,3 +567,80 @@ def test_a_consuming_resume_deletes_each_frontier_once_read(tmp_path):
         next(interrupted.iter_layer_io(order[1]))  # killed after the first batch
         with pytest.raises(frontier_store.CorruptCacheError, match="incomplete"):
             OnePassCapture.resume(q, float_reference(q), graph, tmp_path / "part")
+
+
+class PooledStem(nn.Module):
+    """A stem through an in-place ReLU and max pooling; then an in-place ``relu_`` method
+    after one conv, and after the next a module of the model's own that scales in place
+    (traced into its ``mul_``)."""
+
+    class Halve(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mul_(0.5)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.halve = PooledStem.Halve()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu(self.stem(x)))
+        x = self.c2(self.c1(x).relu_())
+        return self.head(self.halve(x).mean(dim=(2, 3)))
+
+
+def test_the_float_pass_moves_on_to_the_next_call_without_writing_into_any_tensor(tmp_path):
+    """After a layer's target is taken, the paused float pass runs on towards the next
+    layer's call, through an in-place ReLU module (run out of place) and pooling, but not
+    through a ``relu_`` or a ``mul_``: each boundary's float frontier is
+    at the next call or before the first such node; every layer's pairs stay
+    bit-identical to the per-layer capture, and the ReLU is in place again afterwards."""
+    q, batches, order = _capture_state(PooledStem(), (2, 3, 8, 8), num_batches=2)
+    with eval_mode(q), fake_quant_state(q, FakeQuantState.VALIDATION):
+        graph = trace_layer_graph(q, order, LEAVES, batches[0])
+        capture = OnePassCapture(q, float_reference(q), graph, order, batches)
+        positions = {}
+        for name in order:
+            sink = tmp_path / name
+            sink.mkdir()
+            pairs = list(capture.iter_layer_io(name, sink=sink))
+            expected = capture_layer_io(q, float_reference(q), name, 1, batches)
+            assert all(torch.equal(a, b) for a, b in zip(
+                [x for x, _ in pairs] + [y for _, y in pairs], expected[0] + expected[1],
+                strict=True)), name
+            if name != order[-1]:
+                positions[name] = next(load_frontiers(sink / "float", graph.fingerprint)).position
+                capture = OnePassCapture.resume(q, float_reference(q), graph, sink)
+        assert q.relu.inplace and float_reference(q).relu.inplace
+    node_at = {node.target: i for i, node in enumerate(graph.nodes) if node.op == "call_method"}
+    assert order == ["stem", "c1", "c2", "head"]
+    assert positions["stem"] == graph.layer_calls["c1"]  # through the ReLU and the pool
+    assert positions["c1"] == node_at["relu_"]  # stopped before the in-place method
+    assert positions["c2"] == node_at["mul_"]  # and before the model's own in-place scaling
+
+
+def test_only_known_out_of_place_nodes_count_as_writing_nothing():
+    class Ops(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            a = F.relu(x, inplace=True)
+            b = torch.add(a, 1).view(-1)
+            c = b.add_(1)
+            return self.relu(torch.sin(c))
+
+    model = Ops()
+    verdicts = {n.name: writes_nothing(n, model) for n in fx.symbolic_trace(model).graph.nodes
+                if n.op not in ("placeholder", "output")}
+    assert verdicts == {"relu": False, "add": True, "view": True, "add_": False, "sin": False,
+                        "relu_1": True}
+    model.relu.register_forward_hook(lambda *args: None)  # a hook may do anything
+    relu_node = next(n for n in fx.symbolic_trace(model).graph.nodes if n.target == "relu")
+    assert not writes_nothing(relu_node, model)
