@@ -162,7 +162,29 @@ def register_model(client: MlflowClient, params: PipelineParams, layout: Layout,
                 REASON_TAG: promotion.reason}
     version = client.create_model_version(name, f"runs:/{run_id}/{MODEL_DIR}", run_id=run_id,
                                           tags={**tags, **decision}).version
-    client.set_registered_model_alias(name, CANDIDATE, version)
+    set_alias(client, name, CANDIDATE, version)
     if promotion.promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        set_alias(client, name, CHAMPION, version)
     return Registered(name, str(version), promotion)
+
+
+# What a store answers when another run created the same alias between MLflow's check for
+# the alias and its insert (PostgreSQL, MySQL, SQLite wordings): the alias exists now, so
+# setting it again moves it.
+_CONCURRENT_INSERT = ("duplicate key value", "UniqueViolation", "Duplicate entry",
+                      "UNIQUE constraint failed")
+ALIAS_ATTEMPTS = 5
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    """Point ``alias`` of model ``name`` at ``version``. MLflow's SQL store looks the alias
+    up, then inserts it: two runs registering at once can both find none and the second
+    insert fails; that one is tried again (the last failure is raised)."""
+    for attempt in range(ALIAS_ATTEMPTS):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as err:
+            if attempt + 1 == ALIAS_ATTEMPTS or \
+                    not any(text in str(err) for text in _CONCURRENT_INSERT):
+                raise

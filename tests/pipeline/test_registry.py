@@ -23,6 +23,7 @@ from tasks.registry import (
     REASON_TAG,
     SCORE_TAG,
     decide,
+    set_alias,
 )
 from tasks.tracking import log_pipeline_run
 
@@ -186,3 +187,42 @@ def test_names_mlflow_takes_are_accepted(store, name):
     store.create_registered_model(name)
     assert PipelineParams.model_validate(
         {"tracking": {"registered_model": name}}).tracking.registered_model == name
+
+
+def _version(store: MlflowClient, tmp_path, name: str) -> str:
+    store.create_registered_model(name)
+    (tmp_path / "model").mkdir()
+    return store.create_model_version(name, str(tmp_path / "model")).version
+
+
+def test_an_alias_another_run_inserted_meanwhile_is_set_again(store, tmp_path, monkeypatch):
+    """Two runs registering at once: MLflow's SQL store finds no alias, the other run
+    inserts it, this insert fails on the unique key (as PostgreSQL words it); it is tried
+    again and the alias ends on this version."""
+    version = _version(store, tmp_path, "alias-race")
+    real, calls = store.set_registered_model_alias, []
+
+    def raced(name, alias, v):
+        calls.append(alias)
+        if len(calls) == 1:
+            raise MlflowException('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key '
+                                  'value violates unique constraint "registered_model_alias_pk"')
+        return real(name, alias, v)
+
+    monkeypatch.setattr(store, "set_registered_model_alias", raced)
+    set_alias(store, "alias-race", CANDIDATE, version)
+    assert calls == [CANDIDATE, CANDIDATE]
+    assert store.get_model_version_by_alias("alias-race", CANDIDATE).version == version
+
+
+def test_other_alias_errors_are_raised_at_once(store, monkeypatch):
+    calls = []
+
+    def fails(name, alias, v):
+        calls.append(alias)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: Registered Model with name=x not found")
+
+    monkeypatch.setattr(store, "set_registered_model_alias", fails)
+    with pytest.raises(MlflowException, match="not found"):
+        set_alias(store, "x", CHAMPION, "1")
+    assert calls == [CHAMPION]
