@@ -189,7 +189,7 @@ def test_names_mlflow_takes_are_accepted(store, name):
         {"tracking": {"registered_model": name}}).tracking.registered_model == name
 
 
-def _version(store: MlflowClient, tmp_path, name: str) -> str:
+def _registered_version(store: MlflowClient, tmp_path, name: str) -> str:
     store.create_registered_model(name)
     (tmp_path / "model").mkdir()
     return store.create_model_version(name, str(tmp_path / "model")).version
@@ -199,7 +199,7 @@ def test_an_alias_another_run_inserted_meanwhile_is_set_again(store, tmp_path, m
     """Two runs registering at once: MLflow's SQL store finds no alias, the other run
     inserts it, this insert fails on the unique key (as PostgreSQL words it); it is tried
     again and the alias ends on this version."""
-    version = _version(store, tmp_path, "alias-race")
+    version = _registered_version(store, tmp_path, "alias-race")
     real, calls = store.set_registered_model_alias, []
 
     def raced(name, alias, v):
