@@ -1,8 +1,8 @@
 """Process-wide defaults of a pipeline command, set explicitly (never at import time).
 
 Large tensors get huge pages and their own mappings (:data:`PROCESS_DEFAULTS`,
-:func:`map_large_allocations`): at 224 px both halved the time and the peak memory of
-capture.
+:func:`tasks.allocator.map_large_allocations`): at 224 px both halved the time and the peak
+memory of capture.
 
 Telemetry cannot reach the internet here (MLflow's delays the exit of every process that
 imported mlflow by ~2 s), and a fresh ``PREFECT_HOME`` takes up to ~20 s to start the
@@ -14,12 +14,11 @@ the command, removed when it exits. Values the user set in the environment alway
 from __future__ import annotations
 
 import atexit
-import ctypes
-import ctypes.util
 import os
 import shutil
-import sys
 import tempfile
+
+from tasks.allocator import map_large_allocations
 
 PROCESS_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -36,13 +35,6 @@ PROCESS_DEFAULTS = {
     "THP_MEM_ALLOC_ENABLE": "1",
 }
 RESULT_STORAGE_KEYS = ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH")
-# glibc serves allocations below its mmap threshold from its heap, and raises that threshold
-# (up to 32 MiB) each time a mapped block is freed: a 224-px capture's 6-25 MiB activations
-# then stay in a fragmented heap that is never returned, and the process's peak RSS nearly
-# doubled (BENCHMARKS.md, "The adaround stage at scale"). A fixed threshold maps every block
-# of 2 MiB or more on its own and unmaps it when freed.
-MMAP_THRESHOLD = 2 << 20
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
 def apply_process_defaults() -> None:
@@ -55,16 +47,3 @@ def apply_process_defaults() -> None:
         os.environ[RESULT_STORAGE_KEYS[0]] = storage
         atexit.register(shutil.rmtree, storage, ignore_errors=True)
     map_large_allocations()
-
-
-def map_large_allocations() -> bool:
-    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD`; whether it was set (False on
-    another C library or system)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1

@@ -44,19 +44,33 @@ _FUNCTIONS: dict[Any, Callable[..., Any]] = {F.max_pool2d: max_pool2d,
                                              torch.max_pool2d: max_pool2d}
 
 
+def listed(target: Any, table: dict | frozenset | set) -> bool:
+    """Whether a graph node's ``target`` is a key of ``table`` (an unhashable callable,
+    e.g. a bound method of an unhashable object, never is)."""
+    try:
+        return target in table
+    except TypeError:
+        return False
+
+
 def faster_function(target: Any) -> Any:
     """The faster equivalent of a graph's function ``target``, or ``target`` itself."""
-    try:
-        return _FUNCTIONS.get(target, target)
-    except TypeError:  # an unhashable callable
-        return target
+    return _FUNCTIONS[target] if listed(target, _FUNCTIONS) else target
+
+
+def plain_torch_module(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch.nn's own modules (not a subclass defined
+    elsewhere) with no forward hooks of its own and none registered globally: its forward
+    is torch's, and nothing else runs when it is called."""
+    return (type(module).__module__.startswith("torch.nn.modules.")
+            and not forward_hooks(module) and not global_forward_hooks())
 
 
 def call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``module(*args, **kwargs)``, through a faster equivalent of its forward where there
     is one (never for a module with hooks, whose hooks must run)."""
     if (type(module) is nn.MaxPool2d and len(args) == 1 and not kwargs
-            and not forward_hooks(module) and not global_forward_hooks()):
+            and plain_torch_module(module)):
         return max_pool2d(args[0], module.kernel_size, module.stride, module.padding,
                           module.dilation, module.ceil_mode, module.return_indices)
     return module(*args, **kwargs)

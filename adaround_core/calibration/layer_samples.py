@@ -11,6 +11,7 @@ the same samples from both.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,15 +111,12 @@ class LayerSamples:
             for _ in range(count):
                 yield self.sample(batch_size, generator, part)
             return
-        if not count:
-            return
-        group, index = self._draw(batch_size, generator, part)
-        for step in range(count):
-            current = group, index
-            if step + 1 < count:  # the next indices drawn now: the generator's order holds
-                group, index = self._draw(batch_size, generator, part)
-                group.advise(index)
-            yield current[0].rows(current[1])
+        planned = itertools.chain(
+            (self._draw(batch_size, generator, part) for _ in range(count)), [None])
+        for (group, index), following in itertools.pairwise(planned):
+            if following is not None:  # drawn one step ahead: the generator's order holds
+                following[0].advise(following[1])
+            yield group.rows(index)
 
     def _draw(self, batch_size: int, generator: torch.Generator,
               part: tuple[int, int] | None) -> tuple[_Group, torch.Tensor]:

@@ -21,9 +21,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from adaround_core.calibration.checksum import distinct_storages
-from adaround_core.calibration.cpu_kernels import call_module, faster_function
+from adaround_core.calibration.cpu_kernels import (
+    call_module,
+    faster_function,
+    listed,
+    plain_torch_module,
+)
 from adaround_core.calibration.graph_trace import LayerGraph, batch_arguments
-from adaround_core.torch_private import forward_hooks, global_forward_hooks, tree_leaves
+from adaround_core.torch_private import tree_leaves
 
 
 @dataclass
@@ -105,21 +110,12 @@ def writes_nothing(node: fx.Node, model: nn.Module) -> bool:
     if node.kwargs.get("inplace"):
         return False
     if node.op == "call_module":
-        module = model.get_submodule(node.target)
-        return (type(module).__module__.startswith("torch.nn.modules.")
-                and not forward_hooks(module) and not global_forward_hooks())
+        return plain_torch_module(model.get_submodule(node.target))
     if node.op == "call_function":
-        return _listed(node.target, _OUT_OF_PLACE_FUNCTIONS)
+        return listed(node.target, _OUT_OF_PLACE_FUNCTIONS)
     if node.op == "call_method":
         return node.target in _OUT_OF_PLACE_METHODS
     return False
-
-
-def _listed(target: Any, listed: frozenset) -> bool:
-    try:
-        return target in listed
-    except TypeError:  # an unhashable callable
-        return False
 
 
 @contextlib.contextmanager

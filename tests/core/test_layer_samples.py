@@ -161,25 +161,25 @@ def test_draws_from_disk_advise_the_next_rows_before_reading_the_current_ones(
     if not hasattr(os, "posix_fadvise"):
         pytest.skip("no posix_fadvise on this system")
     write_layer_cache(tmp_path, [(x, 2 * x) for x in _ids(16).split(4)])
-    events: list[tuple] = []
+    advised: list[tuple[int, int, int]] = []  # (offset, size, advice) since the last read
     monkeypatch.setattr(os, "posix_fadvise",
-                        lambda fd, offset, size, advice: events.append(("advise", offset, size,
-                                                                        advice)))
+                        lambda fd, offset, size, advice: advised.append((offset, size, advice)))
     samples = LayerSamples.from_cache(tmp_path, 0.0, torch.Generator().manual_seed(0))
     threads = threading.active_count()
-    drawn = []
+    drawn, advised_before_read = [], []
     for x, _ in samples.draws(3, 2, torch.Generator().manual_seed(1)):
         assert threading.active_count() == threads
         drawn.append(x[:, 0].long().tolist())
-        events.append(("read", drawn[-1]))
+        advised_before_read.append(advised.copy())
+        advised.clear()
+    assert len(drawn) == 3
     row_bytes = 3 * 4  # three float32 entries
-    advised = [e for e in events if e[0] == "advise"]
-    assert {e[3] for e in advised} == {os.POSIX_FADV_WILLNEED}
-    assert {e[2] for e in advised} == {row_bytes}
-    reads = [i for i, e in enumerate(events) if e[0] == "read"]
-    # before the first read: the second batch's 2 rows in inputs and targets (4 calls)
-    first = events[:reads[0]]
-    assert len(first) == 4
-    assert sorted(e[1] % (4 * row_bytes) for e in first[:2]) == \
-        sorted((r % 4) * row_bytes for r in drawn[1])
-    assert [e[0] for e in events[reads[1] + 1:]] == ["read"]  # nothing left to advise
+    shard_bytes = 4 * row_bytes
+    # before each read: the next batch's 2 rows, in inputs and targets; nothing before the last
+    for calls, following in zip(advised_before_read, drawn[1:], strict=False):
+        assert {(size, advice) for _, size, advice in calls} == \
+            {(row_bytes, os.POSIX_FADV_WILLNEED)}
+        assert len(calls) == 4
+        assert sorted(offset % shard_bytes for offset, _, _ in calls[:2]) == \
+            sorted((r % 4) * row_bytes for r in following)
+    assert advised_before_read[-1] == []

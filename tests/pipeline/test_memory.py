@@ -5,7 +5,8 @@ layer's cached samples are 0.5 MB each (input + output): 4x the samples would ad
 ~100 MB to the peak if they were held in memory. With the disk cache they are not, and the
 paused passes handed to the next layer in memory stop at ``runtime.frontier_memory_mb``
 (8 MiB here, below both runs' frontiers). Large blocks are unmapped when freed
-(:func:`flows.environment.map_large_allocations`).
+(:func:`tasks.allocator.map_large_allocations`); the rounding reuses its freed memory
+while it runs and gives it back afterwards (:func:`tasks.allocator.heap_reuse`).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ ALLOCATIONS = """
 import sys
 import torch
 if sys.argv[1] == "mapped":
-    from flows.environment import map_large_allocations
+    from tasks.allocator import map_large_allocations
     assert map_large_allocations()
 kept = []
 for _ in range(60):  # 8 MiB temporaries, 4 MiB of each kept a while: a capture's pattern
@@ -141,3 +142,45 @@ def test_large_blocks_are_unmapped_when_freed():
     the kept ones; with the threshold fixed, the peak is what is alive."""
     moving, mapped = _allocations_peak_mb("moving"), _allocations_peak_mb("mapped")
     assert mapped < moving - 30, (mapped, moving)
+
+
+REUSE = """
+import json, resource
+import torch
+from tasks.allocator import heap_reuse, map_large_allocations
+assert map_large_allocations()
+
+def rss_mb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+
+def faults_per_step():  # a rounding step's pattern: the same 16 MiB allocated and freed
+    faults = []
+    for _ in range(40):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(4 << 20).fill_(1.0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults
+
+mapped = faults_per_step()
+rss_before = rss_mb()
+with heap_reuse() as tuned:
+    reused = faults_per_step()
+    torch.empty(64 << 20).fill_(1.0)  # 256 MiB, freed inside the block
+print(json.dumps([tuned, mapped, reused, rss_mb() - rss_before]))
+"""
+
+
+def test_the_rounding_reuses_freed_memory_and_gives_it_back_afterwards():
+    """Inside ``heap_reuse`` a block allocated and freed at every step stops being faulted
+    in after the first steps (mapped, it is faulted in at every step); the memory freed
+    inside goes back to the system at its end."""
+    import json
+
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", REUSE], env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    tuned, mapped, reused, rss_growth_mb = json.loads(out.splitlines()[-1])
+    assert tuned
+    assert min(mapped) >= 4000, mapped  # 16 MiB is 4096 pages
+    assert sum(reused[20:]) < 4000, reused  # steady state: not one block's faults in 20 steps
+    assert rss_growth_mb < 32, rss_growth_mb

@@ -1,0 +1,74 @@
+"""glibc's allocator, tuned for a pipeline process's large tensors (Linux with glibc only).
+
+Two patterns meet in one process:
+
+* **capture**: activations of many sizes, some kept a long while (frontiers held for the
+  next layer, pairs queued for the cache writer) between short-lived ones. glibc serves
+  blocks below its mmap threshold from its heap, and raises that threshold (up to 32 MiB)
+  each time a mapped block is freed: a 224-px capture's 6-25 MiB activations then stay in
+  a fragmented heap that is never returned, and the process's peak RSS nearly doubled
+  (BENCHMARKS.md, "The adaround stage at scale"). :func:`map_large_allocations` fixes the
+  threshold: every block of 2 MiB or more is mapped on its own and unmapped when freed.
+* **rounding**: the same few tensors (a batch's rows, the layer's output, their gradients)
+  allocated and freed at every step. Mapped afresh, each costs its page faults and the
+  kernel's zeroing every step: ResNet-18's rounding at 224 px ran 17 % faster with freed
+  blocks kept and reused (BENCHMARKS.md, "Freed memory reused while rounding").
+  :func:`heap_reuse` keeps them for the block, then gives the memory back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+MMAP_THRESHOLD = 2 << 20  # blocks of this size and more are mapped on their own
+# mallopt's parameter numbers (malloc.h) and glibc's defaults
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULT_TRIM_THRESHOLD = 128 << 10
+_DEFAULT_MMAP_MAX = 65536
+_NEVER_TRIM = (1 << 31) - 1  # largest value mallopt takes (an int)
+
+
+def _libc() -> Any | None:
+    """The C library when it is glibc on Linux (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (glibc's own functions)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def map_large_allocations() -> bool:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD`; whether it was set (False on
+    another C library or system)."""
+    libc = _libc()
+    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+
+
+@contextlib.contextmanager
+def heap_reuse() -> Iterator[bool]:
+    """For the block, every allocation comes from glibc's heap and freed memory stays
+    there for the next one (no block is mapped, the heap is never trimmed); afterwards
+    large blocks are mapped again and the heap's free memory goes back to the system
+    (``malloc_trim``). Yields whether the allocator could be tuned. For loops that
+    allocate and free the same sizes over and over while nothing they allocate outlives
+    the block."""
+    libc = _libc()
+    if libc is None:
+        yield False
+        return
+    libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
+    libc.mallopt(_M_MMAP_MAX, 0)
+    try:
+        yield True
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
