@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaround_core.calibration.activation_codes import ActivationCodes
 from adaround_core.calibration.capture_method import ONE_PASS, PER_LAYER, layer_capturer
 from adaround_core.calibration.graph_trace import LayerGraph, NotSegmentable, trace_layer_graph
 from adaround_core.calibration.layer_capture import iter_layer_io
@@ -82,13 +83,15 @@ class LayerCapture:
     def method(self) -> str:
         return PER_LAYER if self.one_pass is None else ONE_PASS
 
-    def pairs(self, sink: Path | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def pairs(self, sink: Path | None = None,
+              ) -> Iterator[tuple[torch.Tensor | ActivationCodes, torch.Tensor]]:
         """Per batch, the layer's input (before its activation fake-quant when that is
-        trained, :attr:`LayerJob.quantizes_input`) and float output; the passes paused at
-        the layer are written into ``sink`` (from :meth:`frontier_sink`) as they go."""
+        trained, :attr:`LayerJob.quantizes_input`; fake-quantized, as integer codes where
+        its quantizer gives them) and float output; the passes paused at the layer are
+        written into ``sink`` (from :meth:`frontier_sink`) as they go."""
         quantize = self.job.quantizes_input
         if self.one_pass is not None:
-            return self.one_pass.iter_layer_io(self.job.name, quantize, sink)
+            return self.one_pass.iter_layer_io(self.job.name, quantize, sink, codes=True)
         return iter_layer_io(self.model, self.reference, self.job.name, self.job.calls,
                              self.batches, quantize)
 

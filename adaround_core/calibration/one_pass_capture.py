@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from adaround_core.calibration.activation_codes import ActivationCodes
 from adaround_core.calibration.checksum import shares_storage
 from adaround_core.calibration.frontier_store import (
     FRONTIER_MEMORY_BUDGET,
@@ -91,14 +92,18 @@ class OnePassCapture:
         self.hold_budget = hold_budget  # bytes a sink may hold in memory (all held ones)
 
     def iter_layer_io(self, name: str, quantize_input: bool = True, sink: Path | None = None,
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                      codes: bool = False,
+                      ) -> Iterator[tuple[torch.Tensor | ActivationCodes, torch.Tensor]]:
         """Per batch: the layer's fake-quantized input (before ``input_fake_quant`` when
         ``quantize_input`` is False) and float output (streamed; read it to the end
         before rounding the layer). With ``sink`` (a directory, existing and empty) the
         passes paused at the layer are written there batch by batch, as :meth:`save`
-        writes them, instead of kept: the next capture continues from that directory."""
+        writes them, instead of kept: the next capture continues from that directory.
+        With ``codes`` a fake-quantized input comes as its integer codes where its
+        quantizer gives them (``input_fake_quant.codes``; they decode to the same tensor)."""
         return self._continue(name, sink, lambda quant, floating, continued: (
-            self._input(name, quant, quantize_input), self._target(floating, continued)))
+            self._input(name, quant, quantize_input, codes),
+            self._target(floating, continued)))
 
     def iter_unit_calls(self, name: str, sink: Path | None = None) -> Iterator[Call]:
         """Per batch: block ``name``'s call ``(args, kwargs)`` in the quantized pass and
@@ -181,13 +186,17 @@ class OnePassCapture:
         for i in range(self._num_batches):
             yield self._quant.take(i), self._float.take(i)
 
-    def _input(self, name: str, frontier: Frontier, quantize: bool) -> torch.Tensor:
+    def _input(self, name: str, frontier: Frontier, quantize: bool,
+               codes: bool = False) -> torch.Tensor | ActivationCodes:
         (arg,), _ = node_arguments(self.graph.layer_node(name), frontier.values)
         if not quantize:
             return arg.detach().clone()
-        layer = self.quant_model.get_submodule(name)
+        quantizer = self.quant_model.get_submodule(name).input_fake_quant
         with torch.no_grad():
-            x = layer.input_fake_quant(arg).detach()
+            encoded = quantizer.codes(arg) if codes and hasattr(quantizer, "codes") else None
+            if encoded is not None:
+                return encoded
+            x = quantizer(arg).detach()
         return x.clone() if shares_storage(x, arg) else x
 
     def _target(self, frontier: Frontier, continued: bool) -> torch.Tensor:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from adaround_core.calibration.activation_codes import ActivationCodes, integer_codes
 from adaround_core.quant.quant_math import fake_quantize
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,15 @@ class FakeQuantize(nn.Module):
                 return self.substitute(x)
             return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
         return x
+
+    def codes(self, x: torch.Tensor) -> ActivationCodes | None:
+        """``self(x)`` as integer grid indices whose decoding equals it bit for bit, where
+        this quantizer fake-quantizes per tensor with fixed qparams (VALIDATION, no
+        ``substitute``); None otherwise or where the codes cannot reproduce ``self(x)``."""
+        if self.state is not FakeQuantState.VALIDATION or self.substitute is not None \
+                or self.axis is not None:
+            return None
+        return integer_codes(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     @property
     def has_qparams(self) -> bool:

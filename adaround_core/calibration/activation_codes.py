@@ -1,0 +1,74 @@
+"""A fake-quantized activation kept as its integer grid indices (1 byte a value, not 4).
+
+A layer's cached input is the output of its per-tensor 8-bit input quantizer: every value
+is ``(q - z) * s`` for an integer ``q`` in ``[qmin, qmax]``. :func:`integer_codes` computes
+``q`` with the operations of :func:`~adaround_core.quant.quant_math.fake_quantize` (``x *
+(1 / s)``, round, ``+ z``, clamp) and :meth:`ActivationCodes.decode` finishes them (``- z``,
+``* s``) on the same float32 values, so the decoded tensor equals the fake-quantized one
+bit for bit; the capture writes a quarter of the bytes and skips the last two operations.
+Where that could not hold (NaN values, a range wider than 8 bits, per-channel qparams, a
+dtype other than float32) there are no codes and the float tensor is cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHUNK = 1 << 20  # elements computed at a time (4 MiB of float32 stays in the CPU's cache)
+
+
+@dataclass
+class ActivationCodes:
+    """Integer grid indices ``codes`` of a fake-quantized float32 tensor with one
+    ``scale`` and ``zero_point`` (float32 tensors of one element)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def decode(self) -> torch.Tensor:
+        """The fake-quantized tensor, bit for bit."""
+        return decode(self.codes, self.scale, self.zero_point)
+
+
+def code_dtype(qmin: int, qmax: int) -> torch.dtype | None:
+    """The 8-bit integer dtype that holds every grid index in ``[qmin, qmax]``, if any."""
+    if 0 <= qmin and qmax <= 255:
+        return torch.uint8
+    if -128 <= qmin and qmax <= 127:
+        return torch.int8
+    return None
+
+
+def integer_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  qmin: int, qmax: int) -> ActivationCodes | None:
+    """The grid indices of the per-tensor fake quantization of ``x``, or None where the
+    decoded codes could differ from it (see the module's docstring)."""
+    dtype = code_dtype(qmin, qmax)
+    if (dtype is None or x.dtype != torch.float32 or scale.numel() != 1
+            or zero_point.numel() != 1 or scale.dtype != torch.float32
+            or zero_point.dtype != torch.float32):
+        return None
+    inverse = 1.0 / scale
+    source = x.detach().contiguous().view(-1)
+    codes = torch.empty(x.shape, dtype=dtype, device=x.device)
+    work = torch.empty(min(CHUNK, source.numel()), dtype=torch.float32, device=x.device)
+    for part, out in zip(source.split(CHUNK), codes.view(-1).split(CHUNK), strict=True):
+        q = torch.mul(part, inverse, out=work[:part.numel()])
+        q.round_().add_(zero_point).clamp_(qmin, qmax)
+        if torch.isnan(q).any():
+            return None
+        out.copy_(q)
+    return ActivationCodes(codes, scale.detach().clone(), zero_point.detach().clone())
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+           ) -> torch.Tensor:
+    """``(q - z) * s`` in float32: the end of the fake quantization that gave ``codes``."""
+    return codes.to(torch.float32).sub_(zero_point).mul_(scale)
