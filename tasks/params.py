@@ -104,8 +104,10 @@ class RuntimeParams(_Section):
     lock_timeout: float = Field(60.0, ge=0)  # seconds to wait for another run on these dirs
     keep_cache: bool = False  # keep each layer's activation cache after its result is written
     # MiB of paused forward passes a layer's capture hands to the next one in memory
-    # instead of on disk (0: all on disk; unused with keep_cache, whose are kept on disk)
-    frontier_memory_mb: int = Field(1024, ge=0)
+    # instead of on disk (0: all on disk; unused with keep_cache, whose are kept on disk).
+    # The peak memory grows with the samples until the budget is full: 768 is about what a
+    # ResNet-18 at 224 px holds at its first boundary with 512 samples (BENCHMARKS.md)
+    frontier_memory_mb: int = Field(768, ge=0)
     device: str = "cpu"  # calibration, activation caching, AdaRound, evaluation: cpu | cuda[:N] | auto
 
     @field_validator("device")
