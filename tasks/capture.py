@@ -93,7 +93,7 @@ class LayerCapture:
         if self.one_pass is not None:
             return self.one_pass.iter_layer_io(self.job.name, quantize, sink, codes=True)
         return iter_layer_io(self.model, self.reference, self.job.name, self.job.calls,
-                             self.batches, quantize)
+                             self.batches, quantize, codes=True)
 
     def calls(self, sink: Path | None = None) -> Iterator[Call]:
         """Per batch, the block's call ``(args, kwargs)`` and float output; ``sink`` as in

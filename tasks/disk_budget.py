@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaround_core.calibration.activation_codes import input_codes
 from adaround_core.calibration.batches import call_model
 from adaround_core.torch_private import tree_leaves
 from tasks.failures import DiskError
@@ -38,15 +39,18 @@ def _nbytes(value: Any) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def layer_cache_bytes(model: nn.Module, names: Sequence[str],
-                      batches: Sequence[Any]) -> dict[str, int]:
+def layer_cache_bytes(model: nn.Module, names: Sequence[str], batches: Sequence[Any],
+                      codes: bool = True) -> dict[str, int]:
     """Bytes of each named layer's activation cache (inputs and outputs of all its calls)
-    over all ``batches``, from one forward pass of the first batch."""
+    over all ``batches``, from one forward pass of the first batch; with ``codes`` an input
+    the layer's quantizer gives integer codes for counts one byte a value, as cached."""
     first: Counter[str] = Counter()
 
     def measure(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            first[name] += _nbytes(args[0]) + _nbytes(output)
+            encoded = input_codes(module, args[0]) if codes else None
+            stored = args[0] if encoded is None else encoded.codes
+            first[name] += _nbytes(stored) + _nbytes(output)
         return hook
 
     handles = [model.get_submodule(n).register_forward_hook(measure(n)) for n in names]

@@ -36,7 +36,8 @@ def plan_layers(params: PipelineParams, dataset: Artifact, float_model: Artifact
         blocks = {u.name: u.layers for u in units if u.is_block}
     method, note = capture_verdict(model, names, example, params.adaround.num_threads,
                                    list(blocks))
-    cache_bytes = layer_cache_bytes(model, names, batches)
+    cache_bytes = layer_cache_bytes(model, names, batches,
+                                    codes=not params.adaround.trains_activations)
     run_logger(__name__).info("rounding %d units on %s: %s; capture: %s%s on %d thread(s); "
                               "largest activation cache %.1f MiB", len(names),
                               compute_device(params), names, method,

@@ -13,8 +13,10 @@ dtype other than float32) there are no codes and the float tensor is cached.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 CHUNK = 1 << 20  # elements computed at a time (4 MiB of float32 stays in the CPU's cache)
 
@@ -66,6 +68,14 @@ def integer_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
             return None  # than isnan's mask)
         out.copy_(q)
     return ActivationCodes(codes, scale.detach().clone(), zero_point.detach().clone())
+
+
+def input_codes(layer: nn.Module, x: torch.Tensor) -> ActivationCodes | None:
+    """The codes of ``layer``'s input quantizer on ``x`` (its ``input_fake_quant.codes``),
+    or None where it has no such quantizer or gives none."""
+    quantizer: Any = getattr(layer, "input_fake_quant", None)
+    codes = getattr(quantizer, "codes", None)
+    return codes(x) if callable(codes) else None
 
 
 def decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

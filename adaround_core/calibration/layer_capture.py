@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaround_core.calibration.activation_codes import ActivationCodes, input_codes
 from adaround_core.calibration.batches import call_model
 from adaround_core.calibration.checksum import shares_storage
 
@@ -65,10 +66,12 @@ def _check_single_input(name: str, args: tuple, kwargs: dict) -> None:
 
 def iter_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
                   expected_calls: int, batches: Iterable[Any], quantize_input: bool = True,
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  codes: bool = False,
+                  ) -> Iterator[tuple[torch.Tensor | ActivationCodes, torch.Tensor]]:
     """Per batch (and per call of the layer): the layer's fake-quantized input in
     ``quant_model`` (its input before ``input_fake_quant`` when ``quantize_input`` is
-    False) and its output in ``float_model`` (same qualified ``name`` in both).
+    False; with ``codes``, as integer codes where its quantizer gives them) and its output
+    in ``float_model`` (same qualified ``name`` in both).
 
     Streams: only one batch's tensors are alive at a time.
     """
@@ -80,6 +83,9 @@ def iter_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
         _check_single_input(name, args, kwargs)
         if not quantize_input:
             return args[0].detach().clone()
+        encoded = input_codes(module, args[0]) if codes else None
+        if encoded is not None:
+            return encoded
         x = module.input_fake_quant(args[0]).detach()
         return own(x) if shares_storage(x, args[0]) else x
 

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from adaround_core.calibration.activation_codes import ActivationCodes
+from adaround_core.calibration.activation_codes import ActivationCodes, input_codes
 from adaround_core.calibration.checksum import shares_storage
 from adaround_core.calibration.frontier_store import (
     FRONTIER_MEMORY_BUDGET,
@@ -191,12 +191,12 @@ class OnePassCapture:
         (arg,), _ = node_arguments(self.graph.layer_node(name), frontier.values)
         if not quantize:
             return arg.detach().clone()
-        quantizer = self.quant_model.get_submodule(name).input_fake_quant
+        layer = self.quant_model.get_submodule(name)
         with torch.no_grad():
-            encoded = quantizer.codes(arg) if codes and hasattr(quantizer, "codes") else None
+            encoded = input_codes(layer, arg) if codes else None
             if encoded is not None:
                 return encoded
-            x = quantizer(arg).detach()
+            x = layer.input_fake_quant(arg).detach()
         return x.clone() if shares_storage(x, arg) else x
 
     def _target(self, frontier: Frontier, continued: bool) -> torch.Tensor:

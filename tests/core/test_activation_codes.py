@@ -122,3 +122,19 @@ def test_one_pass_capture_with_codes_gives_the_same_inputs(tmp_path):
             assert torch.equal(targets.gather(every_row), torch.cat([y for _, y in want]))
         plain.close()
         encoded.close()
+
+
+def test_the_per_layer_capture_with_codes_gives_the_same_inputs():
+    from test_one_pass_capture import ResidualCNN, _capture_state
+
+    from adaround_core.calibration.layer_capture import iter_layer_io
+
+    q, batches, order = _capture_state(ResidualCNN(), (2, 3, 8, 8))
+    float_model = float_reference(q)
+    with eval_mode(q), fake_quant_state(q, FakeQuantState.VALIDATION):
+        for name in order:
+            want = list(iter_layer_io(q, float_model, name, 1, batches))
+            got = list(iter_layer_io(q, float_model, name, 1, batches, codes=True))
+            assert all(isinstance(x, ActivationCodes) for x, _ in got)
+            assert all(torch.equal(x.decode(), w) and torch.equal(y, v)
+                       for (x, y), (w, v) in zip(got, want, strict=True))

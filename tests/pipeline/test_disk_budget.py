@@ -43,6 +43,8 @@ def test_the_estimate_is_what_the_layer_cache_holds(params, inputs, layer):
     job = LayerJob(params, *inputs, layer, plan.calls[layer], ())
     cache = cache_layer_activations.fn(job)
     assert plan.cache_bytes[layer] == _cached_bytes(Path(cache.path)) > 0
+    # the 8-bit fake-quantized inputs are cached (and counted) as one-byte integer codes
+    assert {s.dtype for s in read_manifest(Path(cache.path))["inputs"]} == {"torch.uint8"}
 
 
 def test_a_layer_larger_than_the_free_disk_stops_the_stage_naming_it(params, tmp_path):
