@@ -153,7 +153,8 @@ def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
                                         job.calibrated, job.previous)
         wait_for_removals()  # the previous layer's cache is off the disk before this one
         threads = job.capture_threads or job.params.adaround.num_threads
-        with rounding_mode(model, threads), heap_reuse():
+        with rounding_mode(model, threads), \
+                heap_reuse(job.params.runtime.reuse_freed_memory):
             tmp, rows, source = _capture(job, directory, model, reference, temporaries)
         _publish(tmp, directory)
     except OSError as err:

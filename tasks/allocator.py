@@ -10,8 +10,11 @@
   layer's output, their gradients) are allocated and freed again and again. Mapped afresh,
   each costs its page faults and the kernel's zeroing every time. :func:`heap_reuse` keeps
   freed blocks for the task and gives the memory back at its end: on ResNet-18 at 224 px,
-  1024 samples, the capture took 74 s instead of 85 s and the rounding 151-156 s instead of
-  172 s (BENCHMARKS.md, "Freed memory reused inside a layer's tasks").
+  1024 samples, the capture took 70-77 s instead of 85 s and the rounding 140-158 s instead
+  of 172 s (BENCHMARKS.md, "Integer codes for cached inputs, freed memory reused inside a
+  layer's tasks"). The heap also grows behind the frontiers a capture holds for the next
+  layer: MobileNetV2 at 224 px peaked at 3.85-3.98 GB with it against 2.71-2.87 GB without,
+  so ``runtime.reuse_freed_memory: false`` turns it off.
 """
 
 from __future__ import annotations
@@ -51,14 +54,15 @@ def map_large_allocations() -> bool:
 
 
 @contextlib.contextmanager
-def heap_reuse() -> Iterator[bool]:
+def heap_reuse(enabled: bool = True) -> Iterator[bool]:
     """For the block, every allocation comes from glibc's heap and freed memory stays
     there for the next one (no block is mapped, the heap is never trimmed); afterwards
     large blocks are mapped again and the heap's free memory goes back to the system
     (``malloc_trim``). Yields whether the allocator could be tuned. For a task that
     allocates and frees the same sizes over and over; not nested (the settings are the
-    process's: the inner block's end would restore them)."""
-    libc = _libc()
+    process's: the inner block's end would restore them). With ``enabled`` False nothing
+    changes (``runtime.reuse_freed_memory: false``)."""
+    libc = _libc() if enabled else None
     if libc is None:
         yield False
         return

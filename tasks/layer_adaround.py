@@ -39,7 +39,8 @@ def round_layer(job: LayerJob, cache: Artifact, ranks: RankGroup | None = None) 
     before = snapshot(layers, job.block or (job.name,))
     generator = layer_generator(cfg.seed, job.name)
     device = layers[next(iter(before))].weight.device
-    with rounding_mode(model, cfg.num_threads), heap_reuse():
+    with rounding_mode(model, cfg.num_threads), \
+            heap_reuse(job.params.runtime.reuse_freed_memory):
         for name in before:
             layers[name].freeze_weight_qparams()
         if job.block:  # BRECQ: the block's layers jointly, on its cached calls

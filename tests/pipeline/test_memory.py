@@ -162,25 +162,29 @@ def faults_per_step():  # a rounding step's pattern: the same 16 MiB allocated a
     return faults
 
 mapped = faults_per_step()
+with heap_reuse(enabled=False) as switched_off:
+    still_mapped = faults_per_step()
 rss_before = rss_mb()
 with heap_reuse() as tuned:
     reused = faults_per_step()
     torch.empty(64 << 20).fill_(1.0)  # 256 MiB, freed inside the block
-print(json.dumps([tuned, mapped, reused, rss_mb() - rss_before]))
+print(json.dumps([tuned, mapped, reused, rss_mb() - rss_before, switched_off, still_mapped]))
 """
 
 
 def test_the_rounding_reuses_freed_memory_and_gives_it_back_afterwards():
     """Inside ``heap_reuse`` a block allocated and freed at every step stops being faulted
-    in after the first steps (mapped, it is faulted in at every step); the memory freed
-    inside goes back to the system at its end."""
+    in after the first steps (mapped, or with the switch off, it is faulted in at every
+    step); the memory freed inside goes back to the system at its end."""
     import json
 
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", REUSE], env=env, check=True,
                          capture_output=True, text=True, timeout=120).stdout
-    tuned, mapped, reused, rss_growth_mb = json.loads(out.splitlines()[-1])
-    assert tuned
+    tuned, mapped, reused, rss_growth_mb, switched_off, still_mapped = \
+        json.loads(out.splitlines()[-1])
+    assert tuned and not switched_off
+    assert min(still_mapped) >= 4000, still_mapped  # runtime.reuse_freed_memory: false
     assert min(mapped) >= 4000, mapped  # 16 MiB is 4096 pages
     assert sum(reused[20:]) < 4000, reused  # steady state: not one block's faults in 20 steps
     assert rss_growth_mb < 32, rss_growth_mb
