@@ -25,7 +25,7 @@ from adaround_core.calibration.sample_store import (
 )
 from adaround_core.calibration.unit_store import write_unit_cache
 from adaround_core.reconstruction.rounding_mode import rounding_mode
-from tasks.allocator import heap_reuse
+from tasks.allocator import heap_reuse, reuses_memory
 from tasks.artifacts import Artifact
 from tasks.cache_removal import remove_in_background, wait_for_removals
 from tasks.capture import open_capture
@@ -154,7 +154,7 @@ def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:
         wait_for_removals()  # the previous layer's cache is off the disk before this one
         threads = job.capture_threads or job.params.adaround.num_threads
         with rounding_mode(model, threads), \
-                heap_reuse(job.params.runtime.reuse_freed_memory):
+                heap_reuse(reuses_memory(job.params.runtime.reuse_freed_memory, "capture")):
             tmp, rows, source = _capture(job, directory, model, reference, temporaries)
         _publish(tmp, directory)
     except OSError as err:

@@ -15,7 +15,7 @@ from adaround_core.reconstruction.rounding_mode import rounding_mode
 from adaround_core.reconstruction.unit_order import reconstruct_layer_unit
 from adaround_core.reconstruction.unit_reconstruction import reconstruct_unit
 from adaround_core.reconstruction.units import Unit
-from tasks.allocator import heap_reuse
+from tasks.allocator import heap_reuse, reuses_memory
 from tasks.artifacts import Artifact, LayerResult
 from tasks.data_parallel import announce_layer
 from tasks.failures import pipeline_task
@@ -40,7 +40,7 @@ def round_layer(job: LayerJob, cache: Artifact, ranks: RankGroup | None = None) 
     generator = layer_generator(cfg.seed, job.name)
     device = layers[next(iter(before))].weight.device
     with rounding_mode(model, cfg.num_threads), \
-            heap_reuse(job.params.runtime.reuse_freed_memory):
+            heap_reuse(reuses_memory(job.params.runtime.reuse_freed_memory, "rounding")):
         for name in before:
             layers[name].freeze_weight_qparams()
         if job.block:  # BRECQ: the block's layers jointly, on its cached calls

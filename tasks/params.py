@@ -108,9 +108,9 @@ class RuntimeParams(_Section):
     # The peak memory grows with the samples until the budget is full: 768 is about what a
     # ResNet-18 at 224 px holds at its first boundary with 512 samples (BENCHMARKS.md)
     frontier_memory_mb: int = Field(768, ge=0)
-    # a layer's capture and rounding keep the memory they free for their next allocations
-    # instead of mapping it afresh (faster; the peak memory can be higher: tasks/allocator.py)
-    reuse_freed_memory: bool = True
+    # which of a layer's tasks keep the memory they free for their next allocations instead
+    # of mapping it afresh (faster; the capture's can raise the peak: tasks/allocator.py)
+    reuse_freed_memory: Literal["all", "rounding", "none"] = "all"
     device: str = "cpu"  # calibration, activation caching, AdaRound, evaluation: cpu | cuda[:N] | auto
 
     @field_validator("device")

@@ -184,7 +184,17 @@ def test_the_rounding_reuses_freed_memory_and_gives_it_back_afterwards():
     tuned, mapped, reused, rss_growth_mb, switched_off, still_mapped = \
         json.loads(out.splitlines()[-1])
     assert tuned and not switched_off
-    assert min(still_mapped) >= 4000, still_mapped  # runtime.reuse_freed_memory: false
+    assert min(still_mapped) >= 4000, still_mapped  # a task runtime.reuse_freed_memory leaves out
     assert min(mapped) >= 4000, mapped  # 16 MiB is 4096 pages
     assert sum(reused[20:]) < 4000, reused  # steady state: not one block's faults in 20 steps
     assert rss_growth_mb < 32, rss_growth_mb
+
+
+def test_each_reuse_setting_names_the_tasks_that_reuse_memory():
+    from tasks.allocator import REUSE_SETTINGS, reuses_memory
+    from tasks.params import RuntimeParams
+
+    assert [(reuses_memory(s, "capture"), reuses_memory(s, "rounding"))
+            for s in ("all", "rounding", "none")] == [(True, True), (False, True), (False, False)]
+    assert set(REUSE_SETTINGS) == set(RuntimeParams.model_fields["reuse_freed_memory"]
+                                      .annotation.__args__)
