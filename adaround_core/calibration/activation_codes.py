@@ -12,11 +12,14 @@ dtype other than float32) there are no codes and the float tensor is cached.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from adaround_core.calibration.checksum import shares_storage
 
 CHUNK = 1 << 20  # elements computed at a time (4 MiB of float32 stays in the CPU's cache)
 
@@ -76,6 +79,24 @@ def input_codes(layer: nn.Module, x: torch.Tensor) -> ActivationCodes | None:
     quantizer: Any = getattr(layer, "input_fake_quant", None)
     codes = getattr(quantizer, "codes", None)
     return codes(x) if callable(codes) else None
+
+
+def cached_input(layer: nn.Module, arg: torch.Tensor, quantize: bool = True,
+                 codes: bool = False,
+                 own: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.clone,
+                 ) -> torch.Tensor | ActivationCodes:
+    """What a layer's cache holds of its input ``arg``: a copy of ``arg`` when its
+    activation fake-quant is not applied (``quantize`` False); else, with ``codes``, the
+    integer codes of its quantizer where it gives them; else the fake-quantized tensor
+    (``own`` of it where it shares ``arg``'s storage: the pass runs on and may change it)."""
+    if not quantize:
+        return arg.detach().clone()
+    with torch.no_grad():
+        encoded = input_codes(layer, arg) if codes else None
+        if encoded is not None:
+            return encoded
+        x = layer.input_fake_quant(arg).detach()
+    return own(x) if shares_storage(x, arg) else x
 
 
 def decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

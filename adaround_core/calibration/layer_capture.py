@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaround_core.calibration.activation_codes import ActivationCodes, input_codes
+from adaround_core.calibration.activation_codes import ActivationCodes, cached_input
 from adaround_core.calibration.batches import call_model
-from adaround_core.calibration.checksum import shares_storage
 
 
 class _LayerReached(Exception):
@@ -81,13 +80,7 @@ def iter_layer_io(quant_model: nn.Module, float_model: nn.Module, name: str,
 
     def take_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         _check_single_input(name, args, kwargs)
-        if not quantize_input:
-            return args[0].detach().clone()
-        encoded = input_codes(module, args[0]) if codes else None
-        if encoded is not None:
-            return encoded
-        x = module.input_fake_quant(args[0]).detach()
-        return own(x) if shares_storage(x, args[0]) else x
+        return cached_input(module, args[0], quantize_input, codes, own)
 
     yield from iter_module_calls(quant_model, float_model, name, expected_calls, batches,
                                  take_input, lambda output: own(output.detach()))

@@ -41,8 +41,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from adaround_core.calibration.activation_codes import ActivationCodes, input_codes
-from adaround_core.calibration.checksum import shares_storage
+from adaround_core.calibration.activation_codes import ActivationCodes, cached_input
 from adaround_core.calibration.frontier_store import (
     FRONTIER_MEMORY_BUDGET,
     Consume,
@@ -189,15 +188,7 @@ class OnePassCapture:
     def _input(self, name: str, frontier: Frontier, quantize: bool,
                codes: bool = False) -> torch.Tensor | ActivationCodes:
         (arg,), _ = node_arguments(self.graph.layer_node(name), frontier.values)
-        if not quantize:
-            return arg.detach().clone()
-        layer = self.quant_model.get_submodule(name)
-        with torch.no_grad():
-            encoded = input_codes(layer, arg) if codes else None
-            if encoded is not None:
-                return encoded
-            x = layer.input_fake_quant(arg).detach()
-        return x.clone() if shares_storage(x, arg) else x
+        return cached_input(self.quant_model.get_submodule(name), arg, quantize, codes)
 
     def _target(self, frontier: Frontier, continued: bool) -> torch.Tensor:
         """Run the layer's call in the float pass; its output (a copy if the pass is
