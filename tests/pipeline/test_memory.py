@@ -5,8 +5,11 @@ layer's cached samples are 0.5 MB each (input + output): 4x the samples would ad
 ~100 MB to the peak if they were held in memory. With the disk cache they are not, and the
 paused passes handed to the next layer in memory stop at ``runtime.frontier_memory_mb``
 (8 MiB here, below both runs' frontiers). Large blocks are unmapped when freed
-(:func:`tasks.allocator.map_large_allocations`); the rounding reuses its freed memory
-while it runs and gives it back afterwards (:func:`tasks.allocator.heap_reuse`).
+(:func:`tasks.allocator.map_large_allocations`). The runs here keep it that way inside the
+tasks too (``runtime.reuse_freed_memory: none``): a task that reuses its freed memory
+(:func:`tasks.allocator.heap_reuse`, tested below) holds its heap's high-water mark until
+it ends, which depends on thread timing: 700-840 MiB from run to run of one project on
+this model, against 618-623 MiB without, a spread that would hide the growth measured.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def _project(directory: Path, samples: int, pipe) -> Path:
         "train": {"kwargs": {"epochs": 0}},
         "calibration": {"batch_size": 64, "num_samples": samples},
         "adaround": {"num_steps": 5, "progress": False},
-        "runtime": {"frontier_memory_mb": 8}})
+        "runtime": {"frontier_memory_mb": 8, "reuse_freed_memory": "none"}})
     params = pipe.params(directory)
     layout = Layout(params)
     dataset = prepare_data.fn(params, str(layout.dataset))
