@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from torch import nn
 
 from adaround_core.calibration.frontier_store import release_held
+from adaround_core.calibration.held_frontiers import HELD_FRONTIERS
 from adaround_core.calibration.one_pass_capture import CAPTURE_STATE
 from adaround_core.calibration.sample_store import (
     CorruptCacheError,
@@ -25,7 +27,7 @@ from adaround_core.calibration.sample_store import (
 )
 from adaround_core.calibration.unit_store import write_unit_cache
 from adaround_core.reconstruction.rounding_mode import rounding_mode
-from tasks.allocator import heap_reuse, reuses_memory
+from tasks.allocator import give_back_free_memory, heap_reuse, reuses_memory
 from tasks.artifacts import Artifact
 from tasks.cache_removal import remove_in_background, wait_for_removals
 from tasks.capture import open_capture
@@ -34,6 +36,11 @@ from tasks.guard_batches import training_inputs
 from tasks.layer_jobs import LayerJob
 from tasks.model_state import layer_models
 from tasks.run_logging import run_logger
+
+T = TypeVar("T")
+# Frontiers a capture consumes between two returns of the heap's free memory to the system
+# (a reused heap holds at most this much of the previous boundary beside the new one).
+GIVE_BACK_BYTES = 128 << 20
 
 
 def _valid_cache(directory: Path) -> bool:
@@ -135,13 +142,28 @@ def _capture_once(job: LayerJob, directory: Path, model: nn.Module, reference: n
         if capture.saves_frontiers:
             frontiers = capture.frontier_sink(_temporary(job.frontier_dir()))
             temporaries.append(frontiers)
-        rows = (write_unit_cache(tmp, capture.calls(frontiers)) if job.block
-                else write_layer_cache(tmp, capture.pairs(frontiers)))
+        rows = (write_unit_cache(tmp, giving_back_frontiers(capture.calls(frontiers)))
+                if job.block else
+                write_layer_cache(tmp, giving_back_frontiers(capture.pairs(frontiers))))
     finally:
         capture.close()
     if frontiers is not None:
         _publish(frontiers, job.frontier_dir(), _saved_frontiers)
     return tmp, rows, capture.source
+
+
+def giving_back_frontiers(items: Iterator[T]) -> Iterator[T]:
+    """``items`` of a capture; after each, once :data:`GIVE_BACK_BYTES` of held frontiers
+    were consumed (taken or dropped) since the last time, the heap's free memory goes back
+    to the system (:func:`~tasks.allocator.give_back_free_memory`): inside
+    :func:`~tasks.allocator.heap_reuse` it would keep the previous boundary's frontiers
+    beside the new boundary's."""
+    mark = HELD_FRONTIERS.released
+    for item in items:
+        yield item
+        if HELD_FRONTIERS.released - mark >= GIVE_BACK_BYTES:
+            give_back_free_memory()
+            mark = HELD_FRONTIERS.released
 
 
 def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:

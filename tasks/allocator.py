@@ -16,6 +16,13 @@
   layer: MobileNetV2 at 224 px (512 samples) peaked at 3.85 GB with it, 2.72 GB with it in
   the rounding only (``runtime.reuse_freed_memory: rounding``, as fast there) and 2.34 GB
   without (``none``, 45 % slower).
+* **The previous boundary's frontiers**, freed batch by batch as a capture continues them,
+  would stay in the reused heap beside the new boundary's: ResNet-18's peak at 1024
+  samples rose with each early layer's capture to twice the frontier budget, and that was
+  most of MobileNetV2's 3.85 GB (2.63 GB with them given back). The capture
+  gives the free memory back (:func:`give_back_free_memory`) after every
+  ``tasks.activation_cache.GIVE_BACK_BYTES`` of frontiers it has consumed. (This module
+  imports no torch: :mod:`flows.environment` uses it before torch is loaded.)
 """
 
 from __future__ import annotations
@@ -61,6 +68,13 @@ def reuses_memory(setting: str, task: str) -> bool:
     """Whether ``task`` (``capture`` or ``rounding``) reuses freed memory under
     ``runtime.reuse_freed_memory: setting``."""
     return task in REUSE_SETTINGS[setting]
+
+
+def give_back_free_memory() -> bool:
+    """Return the free memory of glibc's heaps to the system now (``malloc_trim``: inside
+    :func:`heap_reuse` it would stay until the block ends); whether any was returned."""
+    libc = _libc()
+    return libc is not None and libc.malloc_trim(0) == 1
 
 
 @contextlib.contextmanager

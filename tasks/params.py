@@ -105,9 +105,10 @@ class RuntimeParams(_Section):
     keep_cache: bool = False  # keep each layer's activation cache after its result is written
     # MiB of paused forward passes a layer's capture hands to the next one in memory
     # instead of on disk (0: all on disk; unused with keep_cache, whose are kept on disk).
-    # The peak memory grows with the samples until the budget is full: 768 is about what a
-    # ResNet-18 at 224 px holds at its first boundary with 512 samples (BENCHMARKS.md)
-    frontier_memory_mb: int = Field(768, ge=0)
+    # The budget covers the frontiers on their way to and from disk too, and the peak memory
+    # grows with the samples until it is full: 640 is below what a ResNet-18 at 224 px has
+    # at its first boundaries with 512 samples, so its peak at 1024 stays level (BENCHMARKS.md)
+    frontier_memory_mb: int = Field(640, ge=0)
     # which of a layer's tasks keep the memory they free for their next allocations instead
     # of mapping it afresh (faster; the capture's can raise the peak: tasks/allocator.py)
     reuse_freed_memory: Literal["all", "rounding", "none"] = "all"

@@ -2,10 +2,10 @@
 
 A layer's cached input is the output of its per-tensor 8-bit input quantizer: every value
 is ``(q - z) * s`` for an integer ``q`` in ``[qmin, qmax]``. :func:`integer_codes` computes
-``q`` with the operations of :func:`~adaround_core.quant.quant_math.fake_quantize` (``x *
-(1 / s)``, round, ``+ z``, clamp) and :meth:`ActivationCodes.decode` finishes them (``- z``,
-``* s``) on the same float32 values, so the decoded tensor equals the fake-quantized one
-bit for bit; the capture writes a quarter of the bytes and skips the last two operations.
+``q`` as :func:`~adaround_core.quant.quant_math.fake_quantize` does (``x * (1 / s)``, then
+:func:`~adaround_core.grid_math.to_grid_`) and :meth:`ActivationCodes.decode` finishes with
+its :func:`~adaround_core.grid_math.from_grid_` on the same float32 values, so the decoded
+tensor equals the fake-quantized one bit for bit; the capture writes a quarter of the bytes and skips the last two operations.
 Where that could not hold (NaN values, a range wider than 8 bits, per-channel qparams, a
 dtype other than float32) there are no codes and the float tensor is cached.
 """
@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from adaround_core.calibration.checksum import shares_storage
+from adaround_core.grid_math import from_grid_, to_grid_
 
+DECODED_DTYPE = torch.float32  # what codes decode to (the only dtype they are taken of)
 CHUNK = 1 << 20  # elements computed at a time (4 MiB of float32 stays in the CPU's cache)
 
 
@@ -56,17 +58,16 @@ def integer_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """The grid indices of the per-tensor fake quantization of ``x``, or None where the
     decoded codes could differ from it (see the module's docstring)."""
     dtype = code_dtype(qmin, qmax)
-    if (dtype is None or x.dtype != torch.float32 or scale.numel() != 1
-            or zero_point.numel() != 1 or scale.dtype != torch.float32
-            or zero_point.dtype != torch.float32):
+    if (dtype is None or x.dtype != DECODED_DTYPE or scale.numel() != 1
+            or zero_point.numel() != 1 or scale.dtype != DECODED_DTYPE
+            or zero_point.dtype != DECODED_DTYPE):
         return None
     inverse = 1.0 / scale
     source = x.detach().contiguous().view(-1)
     codes = torch.empty(x.shape, dtype=dtype, device=x.device)
-    work = torch.empty(min(CHUNK, source.numel()), dtype=torch.float32, device=x.device)
+    work = torch.empty(min(CHUNK, source.numel()), dtype=DECODED_DTYPE, device=x.device)
     for part, out in zip(source.split(CHUNK), codes.view(-1).split(CHUNK), strict=True):
-        q = torch.mul(part, inverse, out=work[:part.numel()])
-        q.round_().add_(zero_point).clamp_(qmin, qmax)
+        q = to_grid_(torch.mul(part, inverse, out=work[:part.numel()]), zero_point, qmin, qmax)
         if q.sum().isnan():  # a NaN stays NaN through the clamp (and a sum is cheaper
             return None  # than isnan's mask)
         out.copy_(q)
@@ -101,5 +102,6 @@ def cached_input(layer: nn.Module, arg: torch.Tensor, quantize: bool = True,
 
 def decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
            ) -> torch.Tensor:
-    """``(q - z) * s`` in float32: the end of the fake quantization that gave ``codes``."""
-    return codes.to(torch.float32).sub_(zero_point).mul_(scale)
+    """``(q - z) * s`` in :data:`DECODED_DTYPE`: the end of the fake quantization that
+    gave ``codes``."""
+    return from_grid_(codes.to(DECODED_DTYPE), scale, zero_point)

@@ -100,7 +100,8 @@ class FrontierStore:
 class FrontierWriter:
     """Writes one layer boundary's frontiers under ``directory`` (existing, empty) as they
     come, each checksummed from its tensors in memory (no second read), or holds them in
-    this process's memory while everything held fits in ``hold_budget`` bytes;
+    this process's memory while everything held fits in ``hold_budget`` bytes less
+    :meth:`spill_reserve`;
     :meth:`finish` writes the manifest that makes the directory valid. Files are written
     behind the caller (:mod:`~.background_writes`): nothing may change a frontier's
     tensors after it is given to :meth:`write`."""
@@ -116,12 +117,19 @@ class FrontierWriter:
     def write(self, frontier: Frontier) -> None:
         index = len(self._files)
         self._positions.add(frontier.position)
-        if self.hold_budget and HELD_FRONTIERS.offer(self.token, index, frontier,
-                                                     self.hold_budget):
+        if self.hold_budget and HELD_FRONTIERS.offer(
+                self.token, index, frontier, self.hold_budget - self.spill_reserve(frontier)):
             self._files.append({"held": self.token})
             return
         self._files.append({})  # filled in by finish()
         self._writes.submit(self._write_file, index, frontier.values)
+
+    def spill_reserve(self, frontier: Frontier) -> int:
+        """Bytes of ``hold_budget`` kept free for the frontiers a spill has in memory
+        besides the held ones: up to ``depth`` waiting to be written and one read back by
+        the next capture, each the size of ``frontier``. The budget then bounds every
+        frontier in memory, so the peak stays where it is once the boundaries spill."""
+        return (self._writes.depth + 1) * frontier.nbytes()
 
     def _write_file(self, index: int, values: dict[str, Any]) -> tuple[int, dict]:
         name = f"frontier_{index:05d}.pt"

@@ -25,6 +25,7 @@ class HeldFrontiers:
     def __init__(self) -> None:
         self._held: dict[tuple[str, int], tuple[Frontier, int]] = {}
         self._nbytes = 0  # the sizes of everything in _held
+        self._released = 0  # the sizes of everything taken or dropped so far
         self._lock = threading.Lock()
 
     @staticmethod
@@ -37,6 +38,13 @@ class HeldFrontiers:
         """Bytes held now."""
         with self._lock:
             return self._nbytes
+
+    @property
+    def released(self) -> int:
+        """Bytes of the frontiers taken or dropped since this process started (a caller
+        that frees memory behind them watches it grow)."""
+        with self._lock:
+            return self._released
 
     def offer(self, token: str, index: int, frontier: Frontier, budget: int) -> bool:
         """Hold ``frontier`` when it fits in ``budget`` beside what is held; whether it
@@ -60,13 +68,16 @@ class HeldFrontiers:
             if entry is None:
                 return None
             self._nbytes -= entry[1]
+            self._released += entry[1]
         return entry[0]
 
     def drop(self, tokens: set[str]) -> None:
         """Forget every frontier held under ``tokens`` (their boundary is deleted)."""
         with self._lock:
             for key in [key for key in self._held if key[0] in tokens]:
-                self._nbytes -= self._held.pop(key)[1]
+                size = self._held.pop(key)[1]
+                self._nbytes -= size
+                self._released += size
 
 
 HELD_FRONTIERS = HeldFrontiers()  # this process's

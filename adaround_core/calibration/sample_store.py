@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from adaround_core.calibration.activation_codes import ActivationCodes, decode
+from adaround_core.calibration.activation_codes import DECODED_DTYPE, ActivationCodes, decode
 from adaround_core.calibration.background_writes import BackgroundWrites
 from adaround_core.calibration.checksum import file_checksum, write_checksummed
 
@@ -142,11 +142,14 @@ def _verify(directory: Path, shard: ShardInfo) -> None:
         raise CorruptCacheError(f"shard {path} does not match its checksum")
 
 
-def _row_bytes(shard: ShardInfo) -> int:
+def _row_bytes(shard: ShardInfo, decoded: bool = False) -> int:
+    """Bytes of one of ``shard``'s rows in its file, or ``decoded`` (codes as the floats
+    they decode to)."""
     numel = 1
     for d in shard.row_shape:
         numel *= d
-    return numel * torch.empty(0, dtype=_dtype(shard.dtype)).element_size()
+    dtype = DECODED_DTYPE if decoded and shard.grid is not None else _dtype(shard.dtype)
+    return numel * dtype.itemsize
 
 
 class ShardStore:
@@ -167,7 +170,7 @@ class ShardStore:
             tuple(torch.tensor([v], dtype=torch.float32) for v in grid)
         self.device = torch.device(device)
         self.stored_row_nbytes = _row_bytes(self.shards[0])
-        self.row_nbytes = self.stored_row_nbytes * (1 if grid is None else 4)  # float32
+        self.row_nbytes = _row_bytes(self.shards[0], decoded=True)
         starts = [0]
         for s in self.shards:
             starts.append(starts[-1] + s.rows)

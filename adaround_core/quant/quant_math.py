@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from adaround_core.grid_math import from_grid_, to_grid_
+
 SCALE_EPS = 1e-8  # smallest scale; avoids division by zero for all-zero channels
 # Clipping searches of the MSE observers: ratios of the observed range, from the full
 # range down, in CLIP_SEARCH_STEPS evenly spaced steps.
@@ -113,8 +115,7 @@ def _chunkable(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
 def _finish(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
             qmax: int) -> torch.Tensor:
     """The rest of :func:`_fake_quantize_in_place` on ``q = x / scale``, in place."""
-    q.round_().add_(zero_point).clamp_(qmin, qmax)
-    return q.sub_(zero_point).mul_(scale)
+    return from_grid_(to_grid_(q, zero_point, qmin, qmax), scale, zero_point)
 
 
 def symmetric_scale(amax: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

@@ -445,8 +445,14 @@ def _streamed(q, graph, order, batches, sink, hold_budget):
     return capture
 
 
+@pytest.fixture
+def no_spill_reserve(monkeypatch):
+    """Budgets placed by the frontiers' own sizes: no room kept for a spill's."""
+    monkeypatch.setattr(frontier_store.FrontierWriter, "spill_reserve", lambda self, f: 0)
+
+
 @pytest.mark.parametrize("held", ["all", "first batch"])
-def test_frontiers_held_in_memory_continue_like_written_ones(tmp_path, held):
+def test_frontiers_held_in_memory_continue_like_written_ones(tmp_path, held, no_spill_reserve):
     """With a hold budget a sink keeps frontiers in this process's memory instead of files
     (all of them, or those that fit, the rest written); a resume takes them back and
     captures bit for bit what per-layer passes give, and nothing stays held."""
@@ -475,7 +481,8 @@ def test_frontiers_held_in_memory_continue_like_written_ones(tmp_path, held):
 
 def test_the_held_bytes_stay_within_the_budget_through_offers_takes_and_drops():
     """Every held frontier counts once (a shared storage once) until it is taken or its
-    boundary dropped; an offer that would pass the budget, or repeats a key, is refused."""
+    boundary dropped (then it counts as released); an offer that would pass the budget, or
+    repeats a key, is refused."""
     held = HeldFrontiers()
     shared = torch.zeros(10)  # 40 bytes
     frontier = Frontier(0, {"a": shared, "b": shared[:5], "c": torch.zeros(5)})  # 60 bytes
@@ -483,13 +490,14 @@ def test_the_held_bytes_stay_within_the_budget_through_offers_takes_and_drops():
     assert not held.offer("t1", 1, frontier, budget=100)  # 120 > 100
     assert not held.offer("t1", 0, frontier, budget=1000)  # the same key again
     assert held.offer("t1", 1, frontier, budget=120) and held.offer("t2", 0, frontier, 180)
-    assert held.nbytes == 180
+    assert held.nbytes == 180 and held.released == 0
     assert held.take("t1", 0) is frontier and held.take("t1", 0) is None
     assert held.nbytes == 120 and held.holds("t1", 1) and not held.holds("t1", 0)
+    assert held.released == 60
     held.drop({"t1", "t3"})
     assert held.nbytes == 60 and not held.holds("t1", 1) and held.holds("t2", 0)
     held.drop({"t2"})
-    assert held.nbytes == 0
+    assert held.nbytes == 0 and held.released == 180
 
 
 def test_held_frontiers_another_process_lacks_are_unusable(tmp_path):
@@ -515,7 +523,28 @@ def test_held_frontiers_another_process_lacks_are_unusable(tmp_path):
         assert HELD_FRONTIERS.nbytes == before
 
 
-def test_a_boundary_whose_last_write_fails_holds_nothing(tmp_path, monkeypatch):
+def test_a_budget_keeps_room_for_the_frontiers_a_spill_has_in_memory(tmp_path):
+    """A writer holds a frontier only while the held bytes plus a spill's own (``depth``
+    writes waiting and one frontier read back, each this frontier's size) fit the budget;
+    the rest is written, and the boundary reads back whole and in order."""
+    held_before = HELD_FRONTIERS.nbytes
+    frontiers = [Frontier(0, {"x": torch.full((10,), float(i))}) for i in range(5)]  # 40 B
+    writer = frontier_store.FrontierWriter(tmp_path, "graph", hold_budget=held_before + 200)
+    assert writer.spill_reserve(frontiers[0]) == (writer._writes.depth + 1) * 40
+    for frontier in frontiers:
+        writer.write(frontier)
+    assert writer.finish() == 5
+    room = 200 - writer.spill_reserve(frontiers[0])  # 80 bytes: two frontiers held
+    assert HELD_FRONTIERS.nbytes - held_before == room
+    assert sorted(p.name for p in tmp_path.glob("frontier_*.pt")) == \
+        [f"frontier_{i:05d}.pt" for i in (2, 3, 4)]
+    loaded = [f.values["x"][0].item() for f in load_frontiers(tmp_path, "graph")]
+    assert loaded == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert HELD_FRONTIERS.nbytes == held_before
+
+
+def test_a_boundary_whose_last_write_fails_holds_nothing(tmp_path, monkeypatch,
+                                                          no_spill_reserve):
     """The files are written behind the capture: a write that fails after the last batch
     (the disk fills) is raised when the boundary is finished, and the frontiers held in
     memory for it are let go of as for any abandoned capture."""

@@ -193,6 +193,53 @@ def test_the_rounding_reuses_freed_memory_and_gives_it_back_afterwards():
     assert rss_growth_mb < 32, rss_growth_mb
 
 
+GIVE_BACK = """
+import json
+import torch
+from adaround_core.calibration.held_frontiers import HELD_FRONTIERS
+from adaround_core.calibration.segmented_forward import Frontier
+from tasks.activation_cache import GIVE_BACK_BYTES, giving_back_frontiers
+from tasks.allocator import heap_reuse, map_large_allocations
+assert map_large_allocations()
+
+def rss_mb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+
+def consumed(token, count):  # a capture's batches: each takes (and frees) a held frontier
+    for i in range(count):
+        frontier = HELD_FRONTIERS.take(token, i)
+        del frontier
+        yield i
+
+count = 2 * GIVE_BACK_BYTES // (16 << 20)  # frontiers of 16 MiB: twice the threshold
+growth = {}
+for name, wrap in (("kept", iter), ("given back", giving_back_frontiers)):
+    with heap_reuse():
+        token = HELD_FRONTIERS.new_token()
+        before = rss_mb()
+        for i in range(count):  # allocated from the reused heap
+            HELD_FRONTIERS.offer(token, i, Frontier(0, {"x": torch.ones(4 << 20)}), 1 << 40)
+        for _ in wrap(consumed(token, count)):
+            pass
+        growth[name] = rss_mb() - before
+print(json.dumps([growth, count * 16]))
+"""
+
+
+def test_a_capture_gives_back_the_frontiers_it_consumed():
+    """Inside ``heap_reuse`` the memory of the held frontiers a capture consumes would stay
+    with the process (beside the next boundary's); the capture's items return it to the
+    system after every ``GIVE_BACK_BYTES`` consumed."""
+    import json
+
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", GIVE_BACK], env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    growth, consumed_mb = json.loads(out.splitlines()[-1])
+    assert growth["kept"] > 0.8 * consumed_mb, growth  # still resident
+    assert growth["given back"] < 32, growth  # returned at the threshold and at twice it
+
+
 def test_each_reuse_setting_names_the_tasks_that_reuse_memory():
     from tasks.allocator import REUSE_SETTINGS, reuses_memory
     from tasks.params import RuntimeParams
