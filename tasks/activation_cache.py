@@ -38,9 +38,10 @@ from tasks.model_state import layer_models
 from tasks.run_logging import run_logger
 
 T = TypeVar("T")
-# Frontiers a capture consumes between two returns of the heap's free memory to the system
-# (a reused heap holds at most this much of the previous boundary beside the new one).
-GIVE_BACK_BYTES = 128 << 20
+# Frontier bytes a capture allocates or frees (held, written, consumed) between two returns
+# of the heap's free memory to the system: a reused heap holds about this much at most
+# beside what is alive (the previous boundary's freed frontiers, the holes between held ones).
+GIVE_BACK_BYTES = 256 << 20
 
 
 def _valid_cache(directory: Path) -> bool:
@@ -153,17 +154,17 @@ def _capture_once(job: LayerJob, directory: Path, model: nn.Module, reference: n
 
 
 def giving_back_frontiers(items: Iterator[T]) -> Iterator[T]:
-    """``items`` of a capture; after each, once :data:`GIVE_BACK_BYTES` of held frontiers
-    were consumed (taken or dropped) since the last time, the heap's free memory goes back
-    to the system (:func:`~tasks.allocator.give_back_free_memory`): inside
-    :func:`~tasks.allocator.heap_reuse` it would keep the previous boundary's frontiers
-    beside the new boundary's."""
-    mark = HELD_FRONTIERS.released
+    """``items`` of a capture; after each, once :data:`GIVE_BACK_BYTES` of frontiers were
+    offered, taken or dropped (``HELD_FRONTIERS.moved``) since the last time, the heap's
+    free memory goes back to the system (:func:`~tasks.allocator.give_back_free_memory`):
+    inside :func:`~tasks.allocator.heap_reuse` it would keep the previous boundary's
+    frontiers beside the new boundary's, and the holes left between held ones."""
+    mark = HELD_FRONTIERS.moved
     for item in items:
         yield item
-        if HELD_FRONTIERS.released - mark >= GIVE_BACK_BYTES:
+        if HELD_FRONTIERS.moved - mark >= GIVE_BACK_BYTES:
             give_back_free_memory()
-            mark = HELD_FRONTIERS.released
+            mark = HELD_FRONTIERS.moved
 
 
 def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:

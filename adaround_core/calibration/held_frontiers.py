@@ -25,7 +25,7 @@ class HeldFrontiers:
     def __init__(self) -> None:
         self._held: dict[tuple[str, int], tuple[Frontier, int]] = {}
         self._nbytes = 0  # the sizes of everything in _held
-        self._released = 0  # the sizes of everything taken or dropped so far
+        self._moved = 0  # the sizes of everything offered, taken or dropped so far
         self._lock = threading.Lock()
 
     @staticmethod
@@ -40,18 +40,22 @@ class HeldFrontiers:
             return self._nbytes
 
     @property
-    def released(self) -> int:
-        """Bytes of the frontiers taken or dropped since this process started (a caller
-        that frees memory behind them watches it grow)."""
+    def moved(self) -> int:
+        """Bytes of the frontiers offered (held or not: those are written, then freed),
+        taken or dropped since this process started: frontier memory allocated or freed
+        (a caller returning freed memory to the system watches it grow)."""
         with self._lock:
-            return self._released
+            return self._moved
 
     def offer(self, token: str, index: int, frontier: Frontier, budget: int) -> bool:
         """Hold ``frontier`` when it fits in ``budget`` beside what is held; whether it
         was taken (False: write it to disk)."""
         size = frontier.nbytes()
         with self._lock:
-            if self._nbytes + size > budget or (token, index) in self._held:
+            if (token, index) in self._held:
+                return False
+            self._moved += size
+            if self._nbytes + size > budget:
                 return False
             self._held[(token, index)] = (frontier, size)
             self._nbytes += size
@@ -68,7 +72,7 @@ class HeldFrontiers:
             if entry is None:
                 return None
             self._nbytes -= entry[1]
-            self._released += entry[1]
+            self._moved += entry[1]
         return entry[0]
 
     def drop(self, tokens: set[str]) -> None:
@@ -77,7 +81,7 @@ class HeldFrontiers:
             for key in [key for key in self._held if key[0] in tokens]:
                 size = self._held.pop(key)[1]
                 self._nbytes -= size
-                self._released += size
+                self._moved += size
 
 
 HELD_FRONTIERS = HeldFrontiers()  # this process's

@@ -481,8 +481,8 @@ def test_frontiers_held_in_memory_continue_like_written_ones(tmp_path, held, no_
 
 def test_the_held_bytes_stay_within_the_budget_through_offers_takes_and_drops():
     """Every held frontier counts once (a shared storage once) until it is taken or its
-    boundary dropped (then it counts as released); an offer that would pass the budget, or
-    repeats a key, is refused."""
+    boundary dropped; an offer that would pass the budget, or repeats a key, is refused.
+    What was offered (a new key), taken or dropped counts as moved."""
     held = HeldFrontiers()
     shared = torch.zeros(10)  # 40 bytes
     frontier = Frontier(0, {"a": shared, "b": shared[:5], "c": torch.zeros(5)})  # 60 bytes
@@ -490,14 +490,15 @@ def test_the_held_bytes_stay_within_the_budget_through_offers_takes_and_drops():
     assert not held.offer("t1", 1, frontier, budget=100)  # 120 > 100
     assert not held.offer("t1", 0, frontier, budget=1000)  # the same key again
     assert held.offer("t1", 1, frontier, budget=120) and held.offer("t2", 0, frontier, 180)
-    assert held.nbytes == 180 and held.released == 0
+    assert held.nbytes == 180
+    assert held.moved == 240  # four offers of new keys, one of them refused (written)
     assert held.take("t1", 0) is frontier and held.take("t1", 0) is None
     assert held.nbytes == 120 and held.holds("t1", 1) and not held.holds("t1", 0)
-    assert held.released == 60
+    assert held.moved == 300
     held.drop({"t1", "t3"})
     assert held.nbytes == 60 and not held.holds("t1", 1) and held.holds("t2", 0)
     held.drop({"t2"})
-    assert held.nbytes == 0 and held.released == 180
+    assert held.nbytes == 0 and held.moved == 420
 
 
 def test_held_frontiers_another_process_lacks_are_unusable(tmp_path):
