@@ -71,10 +71,14 @@ def reuses_memory(setting: str, task: str) -> bool:
     return task in REUSE_SETTINGS[setting]
 
 
+_reusing = False  # inside a heap_reuse block that tuned the allocator
+
+
 def give_back_free_memory() -> bool:
-    """Return the free memory of glibc's heaps to the system now (``malloc_trim``: inside
-    :func:`heap_reuse` it would stay until the block ends); whether any was returned."""
-    libc = _libc()
+    """Inside :func:`heap_reuse`, return the free memory of glibc's heaps to the system now
+    (``malloc_trim``; it would stay until the block ends); elsewhere glibc trims by itself
+    and nothing is done. Whether any was returned."""
+    libc = _libc() if _reusing else None
     return libc is not None and libc.malloc_trim(0) == 1
 
 
@@ -91,11 +95,14 @@ def heap_reuse(enabled: bool = True) -> Iterator[bool]:
     if libc is None:
         yield False
         return
+    global _reusing
     libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
     libc.mallopt(_M_MMAP_MAX, 0)
+    _reusing = True
     try:
         yield True
     finally:
+        _reusing = False
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)

@@ -5,7 +5,8 @@ is ``(q - z) * s`` for an integer ``q`` in ``[qmin, qmax]``. :func:`integer_code
 ``q`` as :func:`~adaround_core.quant.quant_math.fake_quantize` does (``x * (1 / s)``, then
 :func:`~adaround_core.grid_math.to_grid_`) and :meth:`ActivationCodes.decode` finishes with
 its :func:`~adaround_core.grid_math.from_grid_` on the same float32 values, so the decoded
-tensor equals the fake-quantized one bit for bit; the capture writes a quarter of the bytes and skips the last two operations.
+tensor equals the fake-quantized one bit for bit; the capture writes a quarter of the bytes
+and skips the last two operations.
 Where that could not hold (NaN values, a range wider than 8 bits, per-channel qparams, a
 dtype other than float32) there are no codes and the float tensor is cached.
 """

@@ -167,7 +167,7 @@ class ShardStore:
         self.dtype = _dtype(self.shards[0].dtype)  # of the bytes in the files
         grid = self.shards[0].grid
         self.grid = None if grid is None else \
-            tuple(torch.tensor([v], dtype=torch.float32) for v in grid)
+            tuple(torch.tensor([v], dtype=DECODED_DTYPE) for v in grid)
         self.device = torch.device(device)
         self.stored_row_nbytes = _row_bytes(self.shards[0])
         self.row_nbytes = _row_bytes(self.shards[0], decoded=True)
