@@ -13,10 +13,12 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
+from adaround_core.calibration.activation_codes import ActivationCodes
 from adaround_core.calibration.frontier_store import release_held
 from adaround_core.calibration.held_frontiers import HELD_FRONTIERS
 from adaround_core.calibration.one_pass_capture import CAPTURE_STATE
@@ -27,6 +29,7 @@ from adaround_core.calibration.sample_store import (
 )
 from adaround_core.calibration.unit_store import write_unit_cache
 from adaround_core.reconstruction.rounding_mode import rounding_mode
+from adaround_core.torch_private import tree_leaves
 from tasks.allocator import give_back_free_memory, heap_reuse, reuses_memory
 from tasks.artifacts import Artifact
 from tasks.cache_removal import remove_in_background, wait_for_removals
@@ -38,9 +41,10 @@ from tasks.model_state import layer_models
 from tasks.run_logging import run_logger
 
 T = TypeVar("T")
-# Frontier bytes a capture allocates or frees (held, written, consumed) between two returns
-# of the heap's free memory to the system: a reused heap holds about this much at most
-# beside what is alive (the previous boundary's freed frontiers, the holes between held ones).
+# Bytes a capture allocates or frees (frontiers held, written or consumed; captured inputs
+# and targets, freed once written) between two returns of the heap's free memory to the
+# system: a reused heap holds about this much at most beside what is alive (the previous
+# boundary's freed frontiers, the holes between held ones, written shards' buffers).
 GIVE_BACK_BYTES = 256 << 20
 
 
@@ -143,9 +147,9 @@ def _capture_once(job: LayerJob, directory: Path, model: nn.Module, reference: n
         if capture.saves_frontiers:
             frontiers = capture.frontier_sink(_temporary(job.frontier_dir()))
             temporaries.append(frontiers)
-        rows = (write_unit_cache(tmp, giving_back_frontiers(capture.calls(frontiers)))
+        rows = (write_unit_cache(tmp, giving_back_memory(capture.calls(frontiers)))
                 if job.block else
-                write_layer_cache(tmp, giving_back_frontiers(capture.pairs(frontiers))))
+                write_layer_cache(tmp, giving_back_memory(capture.pairs(frontiers))))
     finally:
         capture.close()
     if frontiers is not None:
@@ -153,18 +157,29 @@ def _capture_once(job: LayerJob, directory: Path, model: nn.Module, reference: n
     return tmp, rows, capture.source
 
 
-def giving_back_frontiers(items: Iterator[T]) -> Iterator[T]:
-    """``items`` of a capture; after each, once :data:`GIVE_BACK_BYTES` of frontiers were
-    offered, taken or dropped (``HELD_FRONTIERS.moved``) since the last time, the heap's
-    free memory goes back to the system (:func:`~tasks.allocator.give_back_free_memory`):
-    inside :func:`~tasks.allocator.heap_reuse` it would keep the previous boundary's
-    frontiers beside the new boundary's, and the holes left between held ones."""
+def giving_back_memory(items: Iterator[T]) -> Iterator[T]:
+    """``items`` of a capture (pairs or calls); after each, once :data:`GIVE_BACK_BYTES`
+    moved since the last time (frontiers offered, taken or dropped: ``HELD_FRONTIERS.moved``;
+    and the items' own tensors, freed once their shards are written), the heap's free memory
+    goes back to the system (:func:`~tasks.allocator.give_back_free_memory`): inside
+    :func:`~tasks.allocator.heap_reuse` it would keep the previous boundary's frontiers
+    beside the new boundary's, the holes left between held ones, and the written shards'
+    buffers (a ResNet stem's targets are 100 MB a batch)."""
+    items_moved = 0
     mark = HELD_FRONTIERS.moved
     for item in items:
+        items_moved += captured_bytes(item)
         yield item
-        if HELD_FRONTIERS.moved - mark >= GIVE_BACK_BYTES:
+        if HELD_FRONTIERS.moved + items_moved - mark >= GIVE_BACK_BYTES:
             give_back_free_memory()
-            mark = HELD_FRONTIERS.moved
+            mark = HELD_FRONTIERS.moved + items_moved
+
+
+def captured_bytes(item: Any) -> int:
+    """Bytes of the tensors in a captured pair or call (integer codes as their codes)."""
+    return sum(leaf.codes.nbytes if isinstance(leaf, ActivationCodes) else leaf.nbytes
+               for leaf in tree_leaves(item)
+               if isinstance(leaf, (torch.Tensor, ActivationCodes)))
 
 
 def _write_cache(job: LayerJob, directory: Path) -> tuple[int, str]:

@@ -21,8 +21,9 @@
   samples rose with each early layer's capture to twice the frontier budget, and that was
   most of MobileNetV2's 3.85 GB (2.63 GB with them given back). The capture
   gives the free memory back (:func:`give_back_free_memory`) after every
-  ``tasks.activation_cache.GIVE_BACK_BYTES`` of frontiers it has held, written or consumed,
-  which also returns the holes freed between held frontiers. (This module
+  ``tasks.activation_cache.GIVE_BACK_BYTES`` of frontiers it has held, written or consumed
+  and of inputs and targets it has handed to the cache writer, which also returns the holes
+  freed between held frontiers and the written shards' buffers. (This module
   imports no torch: :mod:`flows.environment` uses it before torch is loaded.)
 """
 

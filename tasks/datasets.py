@@ -161,7 +161,7 @@ class RowDigest:
                 row = leaf[i]
                 self._hash.update(f"{row.dtype}{tuple(row.shape)}".encode())
                 if row.numel():
-                    self._hash.update(row.reshape(-1).view(torch.uint8).numpy().tobytes())
+                    self._hash.update(row.reshape(-1).view(torch.uint8).numpy())  # no copy
         self.samples += rows(batch)
 
     def hexdigest(self) -> str:

@@ -117,19 +117,22 @@ class FrontierWriter:
     def write(self, frontier: Frontier) -> None:
         index = len(self._files)
         self._positions.add(frontier.position)
+        size = frontier.nbytes() if self.hold_budget else 0
         if self.hold_budget and HELD_FRONTIERS.offer(
-                self.token, index, frontier, self.hold_budget - self.spill_reserve(frontier)):
+                self.token, index, frontier,
+                self.hold_budget - self.spill_reserve(frontier, size), size):
             self._files.append({"held": self.token})
             return
         self._files.append({})  # filled in by finish()
         self._writes.submit(self._write_file, index, frontier.values)
 
-    def spill_reserve(self, frontier: Frontier) -> int:
+    def spill_reserve(self, frontier: Frontier, size: int | None = None) -> int:
         """Bytes of ``hold_budget`` kept free for the frontiers a spill has in memory
         besides the held ones: up to ``depth`` waiting to be written and one read back by
-        the next capture, each the size of ``frontier``. The budget then bounds every
-        frontier in memory, so the peak stays where it is once the boundaries spill."""
-        return (self._writes.depth + 1) * frontier.nbytes()
+        the next capture, each the size of ``frontier`` (``size`` bytes, when given). The
+        budget then bounds every frontier in memory, so the peak stays where it is once the
+        boundaries spill."""
+        return (self._writes.depth + 1) * (frontier.nbytes() if size is None else size)
 
     def _write_file(self, index: int, values: dict[str, Any]) -> tuple[int, dict]:
         name = f"frontier_{index:05d}.pt"

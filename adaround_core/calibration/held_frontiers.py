@@ -47,10 +47,11 @@ class HeldFrontiers:
         with self._lock:
             return self._moved
 
-    def offer(self, token: str, index: int, frontier: Frontier, budget: int) -> bool:
-        """Hold ``frontier`` when it fits in ``budget`` beside what is held; whether it
-        was taken (False: write it to disk)."""
-        size = frontier.nbytes()
+    def offer(self, token: str, index: int, frontier: Frontier, budget: int,
+              size: int | None = None) -> bool:
+        """Hold ``frontier`` (of ``size`` bytes, measured when not given) when it fits in
+        ``budget`` beside what is held; whether it was taken (False: write it to disk)."""
+        size = frontier.nbytes() if size is None else size
         with self._lock:
             if (token, index) in self._held:
                 return False

@@ -448,7 +448,7 @@ def _streamed(q, graph, order, batches, sink, hold_budget):
 @pytest.fixture
 def no_spill_reserve(monkeypatch):
     """Budgets placed by the frontiers' own sizes: no room kept for a spill's."""
-    monkeypatch.setattr(frontier_store.FrontierWriter, "spill_reserve", lambda self, f: 0)
+    monkeypatch.setattr(frontier_store.FrontierWriter, "spill_reserve", lambda self, f, size=None: 0)
 
 
 @pytest.mark.parametrize("held", ["all", "first batch"])

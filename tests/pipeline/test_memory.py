@@ -198,46 +198,52 @@ import json
 import torch
 from adaround_core.calibration.held_frontiers import HELD_FRONTIERS
 from adaround_core.calibration.segmented_forward import Frontier
-from tasks.activation_cache import GIVE_BACK_BYTES, giving_back_frontiers
+from tasks.activation_cache import GIVE_BACK_BYTES, giving_back_memory
 from tasks.allocator import heap_reuse, map_large_allocations
 assert map_large_allocations()
 
 def rss_mb():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
 
-def consumed(token, count):  # a capture's batches: each takes (and frees) a held frontier
-    for i in range(count):
-        frontier = HELD_FRONTIERS.take(token, i)
-        del frontier
-        yield i
+def consumed(count):  # a capture's batches: each takes (and frees) a held frontier
+    token = HELD_FRONTIERS.new_token()
+    for i in range(count):  # held before the capture starts
+        HELD_FRONTIERS.offer(token, i, Frontier(0, {"x": torch.ones(4 << 20)}), 1 << 40)
+    return (HELD_FRONTIERS.take(token, i) is None for i in range(count))
 
-count = GIVE_BACK_BYTES // (16 << 20)  # frontiers of 16 MiB, consumed: the threshold
+def written(count):  # a capture's pairs, queued for the writer, freed once written
+    pairs = [(torch.ones(4 << 20), torch.ones(1)) for _ in range(count)]
+    for i in range(count):
+        yield pairs[i]
+        pairs[i] = None
+
+count = GIVE_BACK_BYTES // (16 << 20)  # 16 MiB each: the threshold in all
 growth = {}
-for name, wrap in (("kept", iter), ("given back", giving_back_frontiers)):
-    with heap_reuse():
-        token = HELD_FRONTIERS.new_token()
-        before = rss_mb()
-        for i in range(count):  # allocated from the reused heap
-            HELD_FRONTIERS.offer(token, i, Frontier(0, {"x": torch.ones(4 << 20)}), 1 << 40)
-        for _ in wrap(consumed(token, count)):
-            pass
-        growth[name] = rss_mb() - before
+for source in (consumed, written):
+    for name, wrap in (("kept", iter), ("given back", giving_back_memory)):
+        with heap_reuse():
+            before = rss_mb()
+            for _ in wrap(source(count)):
+                pass
+            growth[f"{source.__name__} {name}"] = rss_mb() - before
 print(json.dumps([growth, count * 16]))
 """
 
 
-def test_a_capture_gives_back_the_frontiers_it_consumed():
-    """Inside ``heap_reuse`` the memory of the held frontiers a capture consumes would stay
-    with the process (beside the next boundary's); the capture's items return it to the
-    system once ``GIVE_BACK_BYTES`` of frontiers moved."""
+def test_a_capture_gives_back_the_frontiers_and_shards_it_freed():
+    """Inside ``heap_reuse`` the memory of the held frontiers a capture consumes, and of the
+    pairs it hands to the cache writer, would stay with the process (beside the next
+    boundary's); the capture's items return it to the system once ``GIVE_BACK_BYTES``
+    moved."""
     import json
 
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", GIVE_BACK], env=env, check=True,
                          capture_output=True, text=True, timeout=120).stdout
-    growth, consumed_mb = json.loads(out.splitlines()[-1])
-    assert growth["kept"] > 0.8 * consumed_mb, growth  # still resident
-    assert growth["given back"] < 32, growth  # returned once the threshold was consumed
+    growth, moved_mb = json.loads(out.splitlines()[-1])
+    for source in ("consumed", "written"):
+        assert growth[f"{source} kept"] > 0.8 * moved_mb, growth  # still resident
+        assert growth[f"{source} given back"] < 32, growth  # returned at the threshold
 
 
 def test_each_reuse_setting_names_the_tasks_that_reuse_memory():
