@@ -117,22 +117,25 @@ class FrontierWriter:
     def write(self, frontier: Frontier) -> None:
         index = len(self._files)
         self._positions.add(frontier.position)
-        size = frontier.nbytes() if self.hold_budget else 0
-        if self.hold_budget and HELD_FRONTIERS.offer(
-                self.token, index, frontier,
-                self.hold_budget - self.spill_reserve(frontier, size), size):
+        if self.hold_budget and self._hold(index, frontier):
             self._files.append({"held": self.token})
             return
         self._files.append({})  # filled in by finish()
         self._writes.submit(self._write_file, index, frontier.values)
 
-    def spill_reserve(self, frontier: Frontier, size: int | None = None) -> int:
+    def _hold(self, index: int, frontier: Frontier) -> bool:
+        """Offer ``frontier`` to this process's held frontiers; whether they took it."""
+        size = frontier.nbytes()
+        return HELD_FRONTIERS.offer(self.token, index, frontier,
+                                    self.hold_budget - self.spill_reserve(size), size)
+
+    def spill_reserve(self, size: int) -> int:
         """Bytes of ``hold_budget`` kept free for the frontiers a spill has in memory
         besides the held ones: up to ``depth`` waiting to be written and one read back by
-        the next capture, each the size of ``frontier`` (``size`` bytes, when given). The
-        budget then bounds every frontier in memory, so the peak stays where it is once the
+        the next capture, each of ``size`` bytes (the frontier being written). The budget
+        then bounds every frontier in memory, so the peak stays where it is once the
         boundaries spill."""
-        return (self._writes.depth + 1) * (frontier.nbytes() if size is None else size)
+        return (self._writes.depth + 1) * size
 
     def _write_file(self, index: int, values: dict[str, Any]) -> tuple[int, dict]:
         name = f"frontier_{index:05d}.pt"

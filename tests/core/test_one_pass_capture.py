@@ -448,7 +448,7 @@ def _streamed(q, graph, order, batches, sink, hold_budget):
 @pytest.fixture
 def no_spill_reserve(monkeypatch):
     """Budgets placed by the frontiers' own sizes: no room kept for a spill's."""
-    monkeypatch.setattr(frontier_store.FrontierWriter, "spill_reserve", lambda self, f, size=None: 0)
+    monkeypatch.setattr(frontier_store.FrontierWriter, "spill_reserve", lambda self, size: 0)
 
 
 @pytest.mark.parametrize("held", ["all", "first batch"])
@@ -531,11 +531,11 @@ def test_a_budget_keeps_room_for_the_frontiers_a_spill_has_in_memory(tmp_path):
     held_before = HELD_FRONTIERS.nbytes
     frontiers = [Frontier(0, {"x": torch.full((10,), float(i))}) for i in range(5)]  # 40 B
     writer = frontier_store.FrontierWriter(tmp_path, "graph", hold_budget=held_before + 200)
-    assert writer.spill_reserve(frontiers[0]) == (writer._writes.depth + 1) * 40
+    assert writer.spill_reserve(frontiers[0].nbytes()) == (writer._writes.depth + 1) * 40
     for frontier in frontiers:
         writer.write(frontier)
     assert writer.finish() == 5
-    room = 200 - writer.spill_reserve(frontiers[0])  # 80 bytes: two frontiers held
+    room = 200 - writer.spill_reserve(frontiers[0].nbytes())  # 80 bytes: two frontiers held
     assert HELD_FRONTIERS.nbytes - held_before == room
     assert sorted(p.name for p in tmp_path.glob("frontier_*.pt")) == \
         [f"frontier_{i:05d}.pt" for i in (2, 3, 4)]
